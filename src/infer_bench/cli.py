@@ -1,0 +1,134 @@
+"""The ``infer-bench`` command line. Thin: parse, call, and map errors to exit codes.
+
+Exit codes: 0 ok · 1 thresholds or gate failed · 2 usage, scenario or config error · 3 run aborted or
+target unreachable. Heavy modules are imported inside commands so ``infer-bench --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from infer_bench.errors import ConfigError, InferBenchError, RunAborted
+
+app = typer.Typer(
+    name="infer-bench",
+    help="Load tests and benchmarks for streaming inference servers, with a reference batching server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(exc: InferBenchError) -> NoReturn:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(exc.exit_code)
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="server.yaml; flags override it")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port; 0 picks a free one [default: 8000]")] = None,
+    workers: Annotated[int | None, typer.Option(help="Server processes [default: 1]")] = None,
+    model: Annotated[str | None, typer.Option(help="Default generation model [default: tokens]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Largest /predict batch [default: 32]")] = None,
+    batch_timeout_ms: Annotated[
+        float | None,
+        typer.Option(help="Longest wait of the oldest queued request; 0 = opportunistic [default: 0]"),
+    ] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded per step [default: 64]")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 503 [default: 1024]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level [default: warning]")] = None,
+) -> None:
+    """Start the reference server: HTTP, SSE, WebSocket and OpenAI-compatible routes over simulated models."""
+    from reference_server import errors as server_errors
+    from reference_server.serve import run
+    from reference_server.settings import load_settings
+
+    try:
+        settings = load_settings(
+            config, host=host, port=port, workers=workers, model=model, batch_size=batch_size,
+            batch_timeout_ms=batch_timeout_ms, max_num_seqs=max_num_seqs, max_queue=max_queue,
+            log_level=log_level,
+        )  # fmt: skip
+    except server_errors.ConfigError as exc:
+        _fail(ConfigError(str(exc)))
+
+    def announce(url: str) -> None:
+        summary = (
+            f"models={','.join(m.name for m in settings.models)} default={settings.model} "
+            f"batch_size={settings.batch_size} batch_timeout_ms={settings.batch_timeout_ms:g} "
+            f"max_num_seqs={settings.max_num_seqs} max_queue={settings.max_queue} workers={settings.workers}"
+        )
+        print(f"infer-bench reference server on {url}", flush=True)
+        print(summary, flush=True)
+
+    try:
+        run(settings, announce)
+    except OSError as exc:  # the port is taken, or the address cannot be bound
+        _fail(ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"))
+
+
+@app.command()
+def probe(
+    url: Annotated[str | None, typer.Argument(help="Target base URL; omit to start the embedded server")] = None,
+    protocol: Annotated[str, typer.Option(help="sse (/v1/stream) or openai (/v1/chat/completions)")] = "sse",
+    prompt: Annotated[str, typer.Option(help="Prompt text")] = "Tell me about streaming inference",
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to ask for")] = 32,
+    model: Annotated[str, typer.Option(help="Model name for the openai protocol")] = "tokens",
+) -> None:
+    """Stream one request and show its tokens, TTFT and inter-token gaps: is the target up and speaking?"""
+    from contextlib import ExitStack
+
+    from rich.console import Console
+
+    from infer_bench.probe import probe as run_probe
+
+    console = Console(highlight=False)
+    with ExitStack() as stack:
+        if url is None:
+            from reference_server.serve import EmbeddedServer
+
+            url = stack.enter_context(EmbeddedServer()).url
+            console.print(f"[dim]started the embedded reference server on {url}[/]")
+        result = run_probe(
+            url, protocol=protocol, prompt=prompt, max_tokens=max_tokens, model=model,
+            on_token=lambda t: console.print(t, end="", markup=False),
+        )  # fmt: skip
+    console.print()
+    gaps = sorted(result.gaps_s)
+    itl = f"{gaps[len(gaps) // 2] * 1000:.2f} ms median, {gaps[-1] * 1000:.2f} ms max" if gaps else "n/a"
+    ttft = f"{result.ttft_s * 1000:.2f} ms" if result.ttft_s is not None else "no token received"
+    console.print(
+        f"[bold]{len(result.tokens)} tokens[/] · TTFT {ttft} · ITL {itl} · "
+        f"total {result.e2e_s * 1000:.1f} ms · finish {result.finish or 'unknown'}"
+    )
+    if not result.tokens:
+        raise RunAborted(f"{result.url} answered but streamed no tokens")
+
+
+@app.command()
+def version() -> None:
+    """Print the infer-bench version."""
+    from infer_bench import __version__
+
+    print(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except InferBenchError as exc:  # commands raise; this is the one place that maps to exit codes
+        _fail(exc)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

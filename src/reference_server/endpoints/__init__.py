@@ -1,0 +1,1 @@
+"""HTTP, SSE, WebSocket and OpenAI-compatible routes of the reference server."""

@@ -1,0 +1,154 @@
+"""Running the reference server on uvicorn: uvloop, httptools, and the sans-I/O WebSocket protocol.
+
+Those three choices are measured (MEASUREMENTS.md): uvloop + httptools serve 2.5x the requests of plain
+asyncio + h11 on one core, and ``websockets-sansio`` moves 1.55x the WebSocket messages.
+
+Shutdown: on SIGINT/SIGTERM readiness turns red and new generation requests are refused at once, while
+uvicorn stops accepting connections and lets in-flight streams finish for ``graceful_shutdown_s``; what
+is left then is ended with an in-band ``shutdown`` error rather than cut off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.supervisors import Multiprocess
+
+from reference_server.app import create_app
+from reference_server.endpoints.common import ServerState
+from reference_server.settings import ServerSettings
+
+SETTINGS_ENV = "INFERBENCH_SERVER_SETTINGS"
+
+Announce = Callable[[str], None]
+
+
+def app_from_env() -> Starlette:
+    """App factory for ``--workers N``: each worker process rebuilds the app from the parent's settings."""
+    return create_app(ServerSettings.model_validate_json(os.environ[SETTINGS_ENV]))
+
+
+def uvicorn_config(settings: ServerSettings, app: Starlette | None = None) -> uvicorn.Config:
+    fast = importlib.util.find_spec("uvloop") is not None
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop" if fast else "asyncio",
+        "http": "httptools",
+        "ws": "websockets-sansio",
+        "log_level": settings.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
+        "ws_max_size": settings.max_body_bytes,
+        "lifespan": "on",
+        "server_header": False,
+    }
+    if settings.workers > 1:
+        os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        return uvicorn.Config("reference_server.serve:app_from_env", factory=True, workers=settings.workers, **common)
+    return uvicorn.Config(app or create_app(settings), **common)
+
+
+class ReferenceServer(uvicorn.Server):
+    """uvicorn's server with readiness turned red as soon as a shutdown signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, announce: Announce | None = None) -> None:
+        super().__init__(config)
+        self._announce = announce
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._announce is not None and self.started:
+            self._announce(self.url)
+
+    @property
+    def url(self) -> str:
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host
+                return f"http://{host}:{port}"
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = self.config.loaded_app if self.config.loaded else None
+        state = _state_of(app)
+        if state is not None and not state.draining:
+            state.draining = True
+            state.registry.stop_accepting()
+        super().handle_exit(sig, frame)
+
+
+def _state_of(app: object) -> ServerState | None:
+    # uvicorn wraps the app in middleware; walk down to the Starlette app that holds our state.
+    for _ in range(8):
+        state = getattr(getattr(app, "state", None), "server", None)
+        if isinstance(state, ServerState):
+            return state
+        app = getattr(app, "app", None)
+    return None
+
+
+def run(settings: ServerSettings, announce: Announce | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. Blocks. ``announce`` receives the URL once listening."""
+    config = uvicorn_config(settings)
+    if settings.workers > 1:
+        sock = config.bind_socket()
+        host, port = sock.getsockname()[:2]
+        if announce is not None:
+            announce(f"http://{host}:{port}")
+        Multiprocess(config, sockets=[sock]).run()  # uvicorn's supervisor restarts dead workers
+        return
+    ReferenceServer(config, announce).run()
+
+
+class EmbeddedServer:
+    """A real uvicorn serving the reference app on a free loopback port, in a background thread.
+
+    For tests and for runs against the embedded default: ``with EmbeddedServer(settings) as server:``
+    gives ``server.url`` once the server answers, and stops it (gracefully) on exit.
+    """
+
+    def __init__(self, settings: ServerSettings | None = None, *, startup_timeout_s: float = 10.0) -> None:
+        self.settings = (settings or ServerSettings()).model_copy(update={"port": 0, "workers": 1})
+        self.app = create_app(self.settings)
+        self._server = ReferenceServer(uvicorn_config(self.settings, self.app))
+        # uvicorn installs no signal handlers off the main thread, so the caller's Ctrl-C stays its own.
+        self._thread = threading.Thread(target=self._server.run, name="reference-server", daemon=True)
+        self._startup_timeout_s = startup_timeout_s
+        self.url = ""
+
+    @property
+    def state(self) -> ServerState:
+        state: ServerState = self.app.state.server
+        return state
+
+    def start(self) -> EmbeddedServer:
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout_s
+        while not (self._server.started and self.state.ready):  # poll readiness, never a fixed sleep
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the embedded reference server did not start")
+            time.sleep(0.005)
+        self.url = self._server.url
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=self.settings.graceful_shutdown_s + 5)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,143 @@
+"""Server settings: defaults, a ``server.yaml`` file, and flags on top (flags win).
+
+The simulated models' cost defaults imitate a memory-bound accelerator, where one decode step costs
+about the same for one sequence as for sixty-four: ``step = base + per_seq × n`` with a large base and a
+small per-sequence term. That is what makes batching visible; with a zero cost a batcher can only add
+overhead (MEASUREMENTS.md: a naive batcher in front of a zero-cost model halved JSON throughput).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reference_server.errors import ConfigError
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class EchoModelSpec(BaseModel):
+    """A prediction model that returns its input; a batch costs ``base_ms + per_item_ms × size``."""
+
+    model_config = _FROZEN
+    kind: Literal["echo"] = "echo"
+    name: str = Field("echo", min_length=1, max_length=128)
+    version: str = Field("1", min_length=1, max_length=64)
+    base_ms: float = Field(0.5, ge=0, le=60_000)
+    per_item_ms: float = Field(0.01, ge=0, le=60_000)
+
+
+class OutputLength(BaseModel):
+    """Output length when a request sets no ``max_tokens``: uniform between min and max, inclusive."""
+
+    model_config = _FROZEN
+    min: int = Field(16, ge=1)
+    max: int = Field(128, ge=1)
+
+
+class TokensModelSpec(BaseModel):
+    """An LLM-like generator: words from a built-in vocabulary, deterministic under ``seed``.
+
+    Costs: a decode step of ``n`` running sequences takes ``base_ms + per_seq_ms × n``; a sequence
+    joining a step adds its prefill, ``prefill_ms + per_input_token_ms × prompt_tokens``.
+    """
+
+    model_config = _FROZEN
+    kind: Literal["tokens"] = "tokens"
+    name: str = Field("tokens", min_length=1, max_length=128)
+    version: str = Field("1", min_length=1, max_length=64)
+    seed: int = 0
+    base_ms: float = Field(5.0, ge=0, le=60_000)
+    per_seq_ms: float = Field(0.1, ge=0, le=60_000)
+    prefill_ms: float = Field(1.0, ge=0, le=60_000)
+    per_input_token_ms: float = Field(0.01, ge=0, le=60_000)
+    output_tokens: OutputLength = OutputLength()
+    max_tokens_limit: int = Field(4096, ge=1, le=1_000_000)
+    fail_rate: float = Field(0.0, ge=0, le=1)
+    """Fraction of requests that fail mid-stream with an in-band ``model_error``."""
+    stall_rate: float = Field(0.0, ge=0, le=1)
+    """Fraction of requests that stop producing tokens mid-stream for ``stall_ms``."""
+    stall_ms: float = Field(30_000.0, ge=0)
+
+
+ModelSpec = Annotated[EchoModelSpec | TokensModelSpec, Field(discriminator="kind")]
+
+
+def _default_models() -> list[EchoModelSpec | TokensModelSpec]:
+    return [EchoModelSpec(), TokensModelSpec()]
+
+
+class ServerSettings(BaseModel):
+    """Everything ``infer-bench serve`` can be told; see docs/server.md for each field."""
+
+    model_config = _FROZEN
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    model: str = Field("tokens", description="default model for generation requests that name none")
+    models: list[ModelSpec] = Field(default_factory=_default_models, min_length=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    batch_timeout_ms: float = Field(
+        0.0, ge=0, le=60_000, description="0 = opportunistic: take what queued while the last batch ran"
+    )
+    max_num_seqs: int = Field(64, ge=1, le=4096)
+    max_queue: int = Field(1024, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(1 << 20, ge=64)
+    heartbeat_s: float = Field(15.0, gt=0)
+    sse_retry_ms: int = Field(3000, ge=0)
+    stream_buffer: int = Field(4096, ge=1, description="tokens a stream may hold for a slow reader")
+    ws_max_in_flight: int = Field(256, ge=1, description="concurrent requests one WebSocket may have")
+    graceful_shutdown_s: float = Field(10.0, ge=0)
+    metrics: bool = True
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"
+
+    def model_named(self, name: str) -> EchoModelSpec | TokensModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> ServerSettings:
+    """Settings from defaults, then ``path`` (YAML), then ``overrides`` whose value is not None.
+
+    Raises:
+        ConfigError: the file is unreadable or a field is invalid; the message names both.
+    """
+    data: dict[str, Any] = {}
+    source = "settings"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the settings file ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = ServerSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(source, exc)) from None
+    names = [m.name for m in settings.models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: models: names must be unique, got {names}")
+    default = settings.model_named(settings.model)
+    if default is None or default.kind != "tokens":
+        generators = [m.name for m in settings.models if m.kind == "tokens"]
+        raise ConfigError(f"{source}: model: expected the name of a tokens model {generators}, got {settings.model!r}")
+    return settings
+
+
+def _describe(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        got = f", got {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"{source}: {where}: {err['msg']}{got}")
+    return "\n".join(lines)
