@@ -71,17 +71,41 @@ def parse_json(body: bytes | str, schema: type[M]) -> M:
         raise invalid_from(exc) from None
 
 
-def invalid_from(exc: ValidationError) -> InvalidRequest:
-    """The first validation error as a located, readable ``InvalidRequest``."""
-    err = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in err["loc"])
+def invalid_from(exc: ValidationError, *, tagged: bool = False) -> InvalidRequest:
+    """The first validation error as a located, readable ``InvalidRequest``.
+
+    Pydantic reports a value that fits no member of a union once per member, with the member's name
+    appended to the location (``input.str``, ``input.float``); those fold into one error at ``input``
+    listing what was accepted. With ``tagged``, the location's first part is a discriminated union's tag
+    (the WebSocket message ``type``), which is not a field, and is dropped.
+    """
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = [str(p) for p in err["loc"]][1 if tagged else 0 :]
     if err["type"] == "json_invalid":
         return InvalidRequest(f"not valid JSON: {err['msg'].removeprefix('Invalid JSON: ')}")
+    if err["type"] in ("model_attributes_type", "model_type") and not loc:
+        return InvalidRequest("expected a JSON object")
+    shown = _shown(err.get("input"))
+    siblings = [e for e in errors if len(e["loc"]) == len(err["loc"]) and e["loc"][:-1] == err["loc"][:-1]]
+    if len(siblings) > 1 and err["loc"] and not isinstance(err["loc"][-1], int):
+        where = ".".join(loc[:-1])
+        accepted = ", ".join(str(e["loc"][-1]) for e in siblings)
+        return InvalidRequest(f"{where or 'body'}: expected one of {accepted}, got {shown}", field=where or None)
+    where = ".".join(loc)
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = err.get("ctx") or {}
+        tag = str(ctx.get("discriminator", "'type'")).strip("'")
+        if "tag" not in ctx:
+            return InvalidRequest(f"{tag}: required field is missing", field=tag)
+        return InvalidRequest(f"{tag}: expected one of {ctx.get('expected_tags')}, got {_shown(ctx['tag'])}", field=tag)
+    if err["type"] == "missing":
+        return InvalidRequest(f"{where}: required field is missing", field=where)
     if err["type"] == "extra_forbidden":
         return InvalidRequest(f"{where}: unknown field", field=where)
-    if err["type"] == "model_attributes_type":
-        return InvalidRequest("expected a JSON object")
-    got = err.get("input")
-    shown = repr(got) if isinstance(got, str | int | float | bool) or got is None else type(got).__name__
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
     return InvalidRequest(f"{where or 'body'}: {err['msg']}, got {shown}", field=where or None)
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value) if isinstance(value, str | int | float | bool) or value is None else type(value).__name__
+    return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -44,7 +44,7 @@ class _Session:
         try:
             msg = _MESSAGE.validate_json(raw)
         except ValidationError as exc:
-            await self.refuse(_id_of(raw), invalid_from(exc))
+            await self.refuse(_id_of(raw), invalid_from(exc, tagged=_has_known_type(raw)))
             return
         if isinstance(msg, WsPing):
             await self.send({"type": "pong", "data": msg.data})
@@ -106,6 +106,15 @@ class _Session:
             if running is not None:
                 scheduler, seq = running
                 scheduler.cancel(seq)
+
+
+def _has_known_type(raw: str) -> bool:
+    """Whether pydantic's error locations start with the message type (a valid discriminator)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("type") in ("generate", "predict", "cancel", "ping")
 
 
 def _id_of(raw: str) -> str | None:
