@@ -42,7 +42,7 @@ def test_predict_batch_keeps_input_order(client: TestClient) -> None:
         pytest.param("/predict", {"input": 1, "model": "gpt"}, 404, "model", "no prediction model", id="unknown-model"),
         pytest.param(
             "/predict", {"input": 1, "model": "tokens"}, 400, "model", "generates tokens", id="wrong-kind-model"
-        ),  # fmt: skip
+        ),
         pytest.param("/predict/batch", {"inputs": []}, 400, "inputs", "at least 1", id="empty-batch"),
         pytest.param(
             "/v1/stream",
@@ -51,14 +51,14 @@ def test_predict_batch_keeps_input_order(client: TestClient) -> None:
             "max_tokens",
             "greater than or equal",
             id="zero-max-tokens",
-        ),  # fmt: skip
+        ),
         pytest.param("/v1/stream", {"prompt": 5}, 400, "prompt", "valid string", id="prompt-not-string"),
         pytest.param(
             "/v1/stream", {"prompt": "x", "request_id": "a b"}, 400, "request_id", "pattern", id="bad-request-id"
-        ),  # fmt: skip
+        ),
         pytest.param(
             "/v1/stream", {"prompt": "x", "model": "echo"}, 400, "model", "prediction model", id="stream-from-echo"
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_bodies_get_a_4xx_naming_the_field(
@@ -83,7 +83,7 @@ def test_bad_bodies_get_a_4xx_naming_the_field(
             415,
             "unsupported_media_type",
             id="form-body",
-        ),  # fmt: skip
+        ),
         pytest.param(b'{"input": "' + b"x" * 5000 + b'"}', {}, 413, "payload_too_large", id="oversize-body"),
     ],
 )

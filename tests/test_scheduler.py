@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -141,7 +142,7 @@ async def test_injected_failure_ends_the_stream_with_model_error_mid_way() -> No
 async def test_injected_stall_pauses_one_sequence_for_stall_ms() -> None:
     async with running(stall_rate=1.0, stall_ms=100.0) as scheduler:
         times, texts, end = await read_all(scheduler.submit(GenerationRequest(PROMPT, max_tokens=10)))
-    gaps = [round((b - a) * 1000, 6) for a, b in zip(times, times[1:], strict=False)]
+    gaps = [round((b - a) * 1000, 6) for a, b in itertools.pairwise(times)]
     assert end.reason is EndReason.FINISHED
     assert len(texts) == 10
     assert max(gaps) >= 100.0

@@ -25,19 +25,19 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path: Path)
             "batch_size: -3\n",
             "server.yaml: batch_size: Input should be greater than or equal to 1, got -3",
             id="negative-number",
-        ),  # fmt: skip
+        ),
         pytest.param("batch_sise: 3\n", "server.yaml: batch_sise: Extra inputs are not permitted", id="unknown-key"),
         pytest.param(
             "models:\n  - kind: tokens\n    base_ms: fast\n",
             "server.yaml: models.0.tokens.base_ms:",
             id="nested-model-field",
-        ),  # fmt: skip
+        ),
         pytest.param("- 1\n- 2\n", "server.yaml: expected a mapping of settings, got list", id="not-a-mapping"),
         pytest.param("batch_size: [\n", "server.yaml: not valid YAML", id="yaml-syntax"),
         pytest.param("model: echo\n", "server.yaml: model: expected the name of a tokens model", id="wrong-default"),
         pytest.param(
             "models:\n  - kind: echo\n  - kind: echo\n  - kind: tokens\n", "names must be unique", id="duplicate-names"
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_settings_files_name_the_file_and_the_field(tmp_path: Path, text: str, expected: str) -> None:
