@@ -122,7 +122,7 @@ async def test_cancelling_a_waiting_sequence_ends_it_at_once() -> None:
     async with running(max_num_seqs=1) as scheduler:
         scheduler.submit(GenerationRequest(PROMPT, max_tokens=50))
         queued = scheduler.submit(GenerationRequest(PROMPT, max_tokens=5))
-        await anyio.lowlevel.checkpoint()
+        await anyio.sleep(0.001)  # mid-way through the first step: the first sequence runs
         scheduler.cancel(queued)
         assert scheduler.waiting == 0
         tokens, end = await queued.channel.receive()
@@ -164,7 +164,7 @@ async def test_a_reader_that_never_reads_is_dropped_without_slowing_the_step() -
 async def test_queue_full_refuses_new_work() -> None:
     async with running(max_num_seqs=1, max_queue=1) as scheduler:
         scheduler.submit(GenerationRequest(PROMPT, max_tokens=5))
-        await anyio.lowlevel.checkpoint()
+        await anyio.sleep(0.001)  # mid-way through the first step: the first sequence runs
         scheduler.submit(GenerationRequest(PROMPT, max_tokens=5))
         with pytest.raises(Overloaded) as refused:
             scheduler.submit(GenerationRequest(PROMPT, max_tokens=5))
