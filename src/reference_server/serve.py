@@ -10,8 +10,10 @@ is left then is ended with an in-band ``shutdown`` error rather than cut off.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
+import signal
 import socket
 import threading
 import time
@@ -64,8 +66,10 @@ class ReferenceServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, announce: Announce | None = None) -> None:
         super().__init__(config)
         self._announce = announce
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self._announce is not None and self.started:
             self._announce(self.url)
@@ -85,7 +89,17 @@ class ReferenceServer(uvicorn.Server):
         if state is not None and not state.draining:
             state.draining = True
             state.registry.stop_accepting()
+            if self._loop is not None:
+                # uvicorn cancels still-running responses when the grace period ends, before the lifespan
+                # shutdown; end the streams just before that, so clients get an in-band reason.
+                delay = max(0.0, self.config.timeout_graceful_shutdown or 0.0) * 0.9
+                self._loop.call_soon_threadsafe(self._loop.call_later, delay, _abort_streams, state)
         super().handle_exit(sig, frame)
+
+
+def _abort_streams(state: ServerState) -> None:
+    for scheduler in state.registry.schedulers.values():
+        scheduler.abort_all()
 
 
 def _state_of(app: object) -> ServerState | None:
@@ -144,7 +158,8 @@ class EmbeddedServer:
         return self
 
     def stop(self) -> None:
-        self._server.should_exit = True
+        """Shut down as on SIGTERM: refuse new work, let streams finish within the grace period."""
+        self._server.handle_exit(signal.SIGTERM, None)
         self._thread.join(timeout=self.settings.graceful_shutdown_s + 5)
 
     def __enter__(self) -> EmbeddedServer:
