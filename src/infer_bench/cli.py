@@ -33,18 +33,18 @@ def _fail(exc: InferBenchError) -> NoReturn:
 @app.command()
 def serve(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="server.yaml; flags override it")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port; 0 picks a free one [default: 8000]")] = None,
-    workers: Annotated[int | None, typer.Option(help="Server processes [default: 1]")] = None,
-    model: Annotated[str | None, typer.Option(help="Default generation model [default: tokens]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Largest /predict batch [default: 32]")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port; 0 picks a free one (default: 8000)")] = None,
+    workers: Annotated[int | None, typer.Option(help="Server processes (default: 1)")] = None,
+    model: Annotated[str | None, typer.Option(help="Default generation model (default: tokens)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Largest /predict batch (default: 32)")] = None,
     batch_timeout_ms: Annotated[
         float | None,
-        typer.Option(help="Longest wait of the oldest queued request; 0 = opportunistic [default: 0]"),
+        typer.Option(help="Longest wait of the oldest queued request; 0 = opportunistic (default: 0)"),
     ] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded per step [default: 64]")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 503 [default: 1024]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="uvicorn log level [default: warning]")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded per step (default: 64)")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 503 (default: 1024)")] = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level (default: warning)")] = None,
 ) -> None:
     """Start the reference server: HTTP, SSE, WebSocket and OpenAI-compatible routes over simulated models."""
     from reference_server import errors as server_errors
