@@ -6,6 +6,7 @@ routes ignore unknown fields, because real OpenAI clients send many we do not us
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -14,6 +15,7 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 _OPENAI = ConfigDict(extra="ignore", frozen=True)
 
 ModelName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
 PredictInput = str | float | list[float] | list[str] | dict[str, Any]
 

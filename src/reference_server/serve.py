@@ -11,13 +11,14 @@ is left then is ended with an in-band ``shutdown`` error rather than cut off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -50,7 +51,9 @@ def uvicorn_config(settings: ServerSettings, app: Starlette | None = None) -> uv
         "log_level": settings.log_level,
         "access_log": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_s,
-        "ws_max_size": settings.max_body_bytes,
+        # A hard transport cap well above the app's own limit, so an oversize message gets an in-band
+        # error and the socket stays open; only a flood beyond this closes it (1009).
+        "ws_max_size": max(16 << 20, 4 * settings.max_body_bytes),
         "lifespan": "on",
         "server_header": False,
     }
@@ -83,6 +86,14 @@ class ReferenceServer(uvicorn.Server):
                 return f"http://{host}:{port}"
         return f"http://{self.config.host}:{self.config.port}"
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the captured SIGTERM after shutting down, so the process dies by the
+            # signal (exit -15). Our shutdown drained cleanly: exit 0 instead.
+            self._captured_signals.clear()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         app = self.config.loaded_app if self.config.loaded else None
         state = _state_of(app)
@@ -112,17 +123,40 @@ def _state_of(app: object) -> ServerState | None:
     return None
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so that a taken port is our error to report, not uvicorn's exit.
+
+    Raises:
+        OSError: the address cannot be bound (in use, not local, no permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)  # worker processes serve the same socket
+    return sock
+
+
 def run(settings: ServerSettings, announce: Announce | None = None) -> None:
-    """Serve until SIGINT/SIGTERM. Blocks. ``announce`` receives the URL once listening."""
+    """Serve until SIGINT/SIGTERM. Blocks. ``announce`` receives the URL once listening.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
     config = uvicorn_config(settings)
+    sock = bind(settings.host, settings.port)
     if settings.workers > 1:
-        sock = config.bind_socket()
         host, port = sock.getsockname()[:2]
         if announce is not None:
             announce(f"http://{host}:{port}")
         Multiprocess(config, sockets=[sock]).run()  # uvicorn's supervisor restarts dead workers
         return
-    ReferenceServer(config, announce).run()
+    ReferenceServer(config, announce).run(sockets=[sock])
 
 
 class EmbeddedServer:

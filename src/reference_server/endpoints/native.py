@@ -12,7 +12,7 @@ from reference_server.batcher import ModelFailed
 from reference_server.endpoints.common import JSONResponse, ServerState, read_json, state_of
 from reference_server.errors import InvalidRequest
 from reference_server.scheduler import ContinuousScheduler, GenerationRequest, Sequence
-from reference_server.schemas import GenerateRequest, PredictBatchRequest, PredictRequest
+from reference_server.schemas import REQUEST_ID, GenerateRequest, PredictBatchRequest, PredictRequest
 from reference_server.streams import native_sse
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -67,13 +67,20 @@ async def stream(request: Request) -> Response:
     state = state_of(request)
     body = await read_json(request, GenerateRequest, state.settings.max_body_bytes)
     scheduler = state.registry.scheduler(body.model)
-    request_id = body.request_id or request.headers.get("x-request-id") or secrets.token_hex(8)
+    request_id = body.request_id or _header_request_id(request) or secrets.token_hex(8)
     seq = scheduler.submit(GenerationRequest(body.prompt, body.max_tokens, body.seed))
     events = native_sse(seq, request_id, heartbeat_s=state.settings.heartbeat_s, retry_ms=state.settings.sse_retry_ms)
     headers = {**SSE_HEADERS, "X-Request-Id": request_id, "X-Model-Version": seq.model_version}
     return StreamingResponse(
         guarded(events, state, scheduler, seq, "sse"), media_type="text/event-stream", headers=headers
     )
+
+
+def _header_request_id(request: Request) -> str | None:
+    value = request.headers.get("x-request-id")
+    if value is not None and not REQUEST_ID.fullmatch(value):
+        raise InvalidRequest("X-Request-Id: expected 1-128 of A-Z a-z 0-9 _ . -", field="X-Request-Id")
+    return value
 
 
 async def guarded(

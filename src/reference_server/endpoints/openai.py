@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -21,7 +22,7 @@ from reference_server.channels import StreamEnd, Token
 from reference_server.endpoints.common import JSONResponse, read_json, state_of
 from reference_server.endpoints.native import SSE_HEADERS, guarded
 from reference_server.errors import RequestError
-from reference_server.scheduler import GenerationRequest, Sequence
+from reference_server.scheduler import ContinuousScheduler, GenerationRequest, Sequence
 from reference_server.schemas import ChatCompletionRequest, CompletionRequest
 from reference_server.streams import PING, receive_or_ping, usage_of
 
@@ -78,21 +79,41 @@ async def _generate(
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **headers},
         )
-    texts: list[str] = []
     state.metrics.connection_opened("http")
     try:
+        texts, end = await _collect_unless_disconnected(request, seq, scheduler)
+    finally:
+        state.metrics.connection_closed("http")
+    if not end.ok:
+        return JSONResponse(_in_band_error(end), status_code=502, headers=headers)
+    return JSONResponse(shape.whole("".join(texts), end), headers=headers)
+
+
+async def _collect_unless_disconnected(
+    request: Request, seq: Sequence, scheduler: ContinuousScheduler
+) -> tuple[list[str], StreamEnd]:
+    """All of a sequence's tokens; if the client goes away first, the sequence is cancelled.
+
+    Starlette cancels streaming responses on disconnect but not plain handlers, so a non-streaming
+    generation nobody waits for would run to the end. Once the body is read, the next ASGI message
+    can only be ``http.disconnect``.
+    """
+    texts: list[str] = []
+
+    async def cancel_on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        scheduler.cancel(seq)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_on_disconnect)
         while True:
             tokens, end = await seq.channel.receive()
             texts.extend(t.text for t in tokens)
             if end is not None:
-                break
-    finally:
-        state.metrics.connection_closed("http")
-        if not seq.channel.closed:
-            scheduler.cancel(seq)
-    if not end.ok:
-        return JSONResponse(_in_band_error(end), status_code=502, headers=headers)
-    return JSONResponse(shape.whole("".join(texts), end), headers=headers)
+                tg.cancel_scope.cancel()
+                return texts, end
+    raise AssertionError("unreachable")  # the loop above only exits by returning
 
 
 class _ChunkShape:

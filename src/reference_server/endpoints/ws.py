@@ -18,7 +18,7 @@ from reference_server.batcher import ModelFailed, RequestBatcher
 from reference_server.endpoints.common import ServerState, invalid_from
 from reference_server.errors import InvalidRequest, RequestError
 from reference_server.scheduler import ContinuousScheduler, GenerationRequest, Sequence
-from reference_server.schemas import WsCancel, WsGenerate, WsMessage, WsPing, WsPredict
+from reference_server.schemas import REQUEST_ID, WsCancel, WsGenerate, WsMessage, WsPing, WsPredict
 from reference_server.streams import end_payload
 
 _MESSAGE = TypeAdapter[WsGenerate | WsPredict | WsCancel | WsPing](WsMessage)
@@ -30,11 +30,19 @@ class _Session:
         self.state = state
         self.lock = anyio.Lock()
         self.in_flight: dict[str, tuple[ContinuousScheduler, Sequence] | None] = {}
+        self.gone = False
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Send one message; False once the peer is gone (a failed send is a disconnect, not an error)."""
+        if self.gone:
+            return False
         data = orjson.dumps(message).decode()
         async with self.lock:
-            await self.ws.send_text(data)
+            try:
+                await self.ws.send_text(data)
+            except (WebSocketDisconnect, OSError, RuntimeError):  # RuntimeError: Starlette, after close
+                self.gone = True
+        return not self.gone
 
     async def refuse(self, request_id: str | None, exc: RequestError) -> None:
         body: dict[str, Any] = {"type": "error", "id": request_id, **exc.to_json()}
@@ -64,7 +72,7 @@ class _Session:
                     scheduler = self.state.registry.scheduler(msg.model)
                     seq = scheduler.submit(GenerationRequest(msg.prompt, msg.max_tokens, msg.seed))
                     self.in_flight[msg.id] = (scheduler, seq)
-                    tg.start_soon(self.pump, msg.id, seq)
+                    tg.start_soon(self.pump, msg.id, scheduler, seq)
                 else:
                     batcher = self.state.registry.batcher(msg.model)
                     self.in_flight[msg.id] = None
@@ -72,18 +80,21 @@ class _Session:
             except RequestError as exc:
                 await self.refuse(msg.id, exc)
 
-    async def pump(self, request_id: str, seq: Sequence) -> None:
+    async def pump(self, request_id: str, scheduler: ContinuousScheduler, seq: Sequence) -> None:
         try:
             while True:
                 tokens, end = await seq.channel.receive()
                 for t in tokens:
-                    await self.send({"type": "token", "id": request_id, "seq": t.seq, "token": t.text})
+                    if not await self.send({"type": "token", "id": request_id, "seq": t.seq, "token": t.text}):
+                        return
                 if end is not None:
                     kind = "done" if end.ok else "error"
                     await self.send({"type": kind, "id": request_id, **end_payload(seq, end)})
                     return
         finally:
             self.in_flight.pop(request_id, None)
+            if not seq.channel.closed:  # the peer is gone or we were cancelled: stop generating
+                scheduler.cancel(seq)
 
     async def predict(self, request_id: str, batcher: RequestBatcher, value: Any) -> None:
         try:
@@ -124,7 +135,7 @@ def _id_of(raw: str) -> str | None:
     except orjson.JSONDecodeError:
         return None
     found = obj.get("id") if isinstance(obj, dict) else None
-    return found if isinstance(found, str) else None
+    return found if isinstance(found, str) and REQUEST_ID.fullmatch(found) else None
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -143,7 +154,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                     text = message.get("text")
                     if text is None:
                         await session.refuse(None, InvalidRequest("expected a text frame holding JSON, got binary"))
-                    elif len(text) > limit:
+                    elif len(text) > limit or (4 * len(text) > limit and len(text.encode()) > limit):
                         await session.refuse(_id_of(text[:256]), InvalidRequest(f"message exceeds {limit} bytes"))
                     else:
                         await session.handle(text, tg)
