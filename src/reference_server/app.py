@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,20 +39,20 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     )
 
     routes = [
-        Route("/predict", counted("predict", native.predict), methods=["POST"]),
-        Route("/predict/batch", counted("predict_batch", native.predict_batch), methods=["POST"]),
-        Route("/v1/stream", counted("stream", native.stream), methods=["POST"]),
+        Route("/predict", counted("predict", native.predict, metrics), methods=["POST"]),
+        Route("/predict/batch", counted("predict_batch", native.predict_batch, metrics), methods=["POST"]),
+        Route("/v1/stream", counted("stream", native.stream, metrics), methods=["POST"]),
         Route(
             "/v1/completions",
-            counted("completions", openai.completions, openai.openai_error),
+            counted("completions", openai.completions, metrics, openai.openai_error),
             methods=["POST"],
         ),
         Route(
             "/v1/chat/completions",
-            counted("chat_completions", openai.chat_completions, openai.openai_error),
+            counted("chat_completions", openai.chat_completions, metrics, openai.openai_error),
             methods=["POST"],
         ),
-        Route("/v1/models", counted("models", openai.models), methods=["GET"]),
+        Route("/v1/models", counted("models", openai.models, metrics), methods=["GET"]),
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/stats", ops.stats, methods=["GET"]),
@@ -83,7 +82,6 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.server = state
-    app.state.clock = time.perf_counter
     return app
 
 

@@ -22,6 +22,7 @@ import anyio
 from reference_server.errors import Overloaded
 from reference_server.metrics import ServerMetrics
 from reference_server.models.base import PredictiveModel
+from reference_server.waiters import Waiter, WaiterFactory, waiter_factory
 
 Clock = Callable[[], float]
 
@@ -61,10 +62,10 @@ class Prediction:
 class _Pending:
     __slots__ = ("batch_size", "done", "enqueued_at", "error", "input", "output", "queue_s")
 
-    def __init__(self, value: Any, now: float) -> None:
+    def __init__(self, value: Any, now: float, done: Waiter) -> None:
         self.input = value
         self.enqueued_at = now
-        self.done = anyio.Event()
+        self.done = done
         self.output: Any = None
         self.error: BaseException | None = None
         self.batch_size = 0
@@ -99,6 +100,7 @@ class RequestBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup = anyio.Event()
         self._accepting = True
+        self._new_waiter: WaiterFactory | None = None  # chosen on first use, inside the event loop
 
     @property
     def depth(self) -> int:
@@ -124,7 +126,9 @@ class RequestBatcher:
         if len(self._queue) >= self.max_queue:
             self._metrics.rejections.child("queue_full").inc()
             raise Overloaded(f"the {self.model.name} queue is full ({self.max_queue})", reason="queue_full")
-        pending = _Pending(value, self._clock())
+        if self._new_waiter is None:
+            self._new_waiter = waiter_factory()
+        pending = _Pending(value, self._clock(), self._new_waiter())
         self._queue.append(pending)
         if len(self._queue) == 1 or len(self._queue) >= self.policy.batch_size:
             self._wakeup.set()

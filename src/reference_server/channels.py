@@ -11,7 +11,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-import anyio
+from reference_server.waiters import Waiter, WaiterFactory
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +44,14 @@ class StreamEnd:
 class TokenChannel:
     """A bounded queue of tokens followed by exactly one ``StreamEnd``."""
 
-    __slots__ = ("_capacity", "_end", "_items", "_waiter")
+    __slots__ = ("_capacity", "_end", "_items", "_new_waiter", "_waiter")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, new_waiter: WaiterFactory) -> None:
         self._capacity = capacity
+        self._new_waiter = new_waiter
         self._items: deque[Token] = deque()
         self._end: StreamEnd | None = None
-        self._waiter: anyio.Event | None = None
+        self._waiter: Waiter | None = None
 
     @property
     def closed(self) -> bool:
@@ -72,7 +73,7 @@ class TokenChannel:
     async def receive(self) -> tuple[list[Token], StreamEnd | None]:
         """Wait for tokens or the end; return all queued tokens, and the end once they are drained."""
         while not self._items and self._end is None:
-            self._waiter = anyio.Event()
+            self._waiter = self._new_waiter()
             await self._waiter.wait()
         tokens = list(self._items)
         self._items.clear()

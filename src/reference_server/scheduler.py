@@ -20,6 +20,7 @@ from reference_server.channels import EndReason, StreamEnd, Token, TokenChannel
 from reference_server.errors import Overloaded
 from reference_server.metrics import ServerMetrics
 from reference_server.models.base import GenerationPlan, GenerativeModel
+from reference_server.waiters import WaiterFactory, waiter_factory
 
 Clock = Callable[[], float]
 
@@ -100,6 +101,7 @@ class ContinuousScheduler:
         self._ids = itertools.count()
         self._wakeup = anyio.Event()
         self._accepting = True
+        self._new_waiter: WaiterFactory | None = None  # chosen on first use, inside the event loop
         self.steps = 0
 
     @property
@@ -122,8 +124,11 @@ class ContinuousScheduler:
         if len(self._waiting) >= self.max_queue:
             self._metrics.rejections.child("queue_full").inc()
             raise Overloaded(f"the {self.model.name} queue is full ({self.max_queue})", reason="queue_full")
+        if self._new_waiter is None:
+            self._new_waiter = waiter_factory()
         plan = self.model.plan(request.prompt, request.max_tokens, request.seed)
-        seq = Sequence(next(self._ids), plan, TokenChannel(self._stream_buffer), self._clock(), self.model)
+        channel = TokenChannel(self._stream_buffer, self._new_waiter)
+        seq = Sequence(next(self._ids), plan, channel, self._clock(), self.model)
         self._waiting.append(seq)
         self._wakeup.set()
         return seq

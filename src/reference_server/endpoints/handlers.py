@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from reference_server.endpoints.common import JSONResponse, state_of
+from reference_server.endpoints.common import JSONResponse
 from reference_server.errors import Overloaded, RequestError
+from reference_server.metrics import Counter, ServerMetrics
 
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorBody = Callable[[RequestError], dict[str, object]]
@@ -29,12 +31,13 @@ def error_response(exc: RequestError, body: ErrorBody = native_error) -> Respons
     return JSONResponse(body(exc), status_code=exc.status, headers=headers)
 
 
-def counted(endpoint: str, handler: Handler, error_body: ErrorBody = native_error) -> Handler:
+def counted(endpoint: str, handler: Handler, metrics: ServerMetrics, error_body: ErrorBody = native_error) -> Handler:
     """``handler`` with RequestErrors turned into responses, and duration and status recorded."""
+    duration = metrics.request_duration.child(endpoint)
+    by_status: dict[int, Counter] = {}  # resolved once per status, not per request
+    clock = time.perf_counter
 
     async def wrapped(request: Request) -> Response:
-        metrics = state_of(request).metrics
-        clock = request.app.state.clock
         started = clock()
         try:
             response = await handler(request)
@@ -43,9 +46,13 @@ def counted(endpoint: str, handler: Handler, error_body: ErrorBody = native_erro
         except Exception:  # never a traceback on the wire; the log has it
             log.exception("unexpected error in %s", endpoint)
             response = JSONResponse({"error": "internal", "message": "internal server error"}, status_code=500)
-        metrics.requests.child(endpoint, str(response.status_code)).inc()
+        status = response.status_code
+        counter = by_status.get(status)
+        if counter is None:
+            counter = by_status[status] = metrics.requests.child(endpoint, str(status))
+        counter.inc()
         if not isinstance(response, StreamingResponse):
-            metrics.request_duration.child(endpoint).observe(clock() - started)
+            duration.observe(clock() - started)
         return response
 
     wrapped.__name__ = handler.__name__
