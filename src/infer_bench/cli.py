@@ -12,7 +12,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from infer_bench.errors import ConfigError, InferBenchError, RunAborted
+from infer_bench.errors import ConfigError, InferBenchError, RunAborted, UsageError
 
 app = typer.Typer(
     name="infer-bench",
@@ -111,6 +111,84 @@ def probe(
     )
     if not result.tokens:
         raise RunAborted(f"{result.url} answered but streamed no tokens")
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"-e {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@app.command()
+def run(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file (YAML)")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Result file (default: results/<scenario>-<time>.json)")
+    ] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for ${KEY} in the file")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for prompts, class picks and behaviours")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress")] = False,
+) -> None:
+    """Run a scenario: drive the client swarm, show live progress, print a summary, write a result file."""
+    from datetime import datetime
+
+    from rich.console import Console
+
+    from infer_bench.report.live import LiveView
+    from infer_bench.report.summary import print_summary
+    from infer_bench.runner import run_scenario
+    from infer_bench.scenario import load_scenario
+
+    spec = load_scenario(scenario, _env(env or []))
+    if out is None:
+        Path("results").mkdir(exist_ok=True)
+        out = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    console = Console(stderr=True)
+    with LiveView(console) if not quiet else _nothing() as live:
+        result, code = run_scenario(spec, out=out, live=live)
+    print_summary(result, Console())
+    Console(stderr=True).print(f"[dim]result written to {out}[/]")
+    if code:
+        raise RunAborted(f"the run stopped early ({result['stop_reason']}); the partial result is in {out}")
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@app.command()
+def validate(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file (YAML)")],
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for ${KEY} in the file")] = None,
+) -> None:
+    """Check a scenario file without running it; errors name the file, line and field."""
+    from infer_bench.scenario import load_scenario
+
+    spec = load_scenario(scenario, _env(env or []))
+    for name, s in spec.scenarios.items():
+        classes = ", ".join(f"{c.name} ({c.protocol}, weight {c.weight:g})" for c in s.classes)
+        print(f"{scenario}: {name}: {s.executor.kind}, {s.executor.total_duration():g} s; classes: {classes}")
+    print(f"{scenario}: valid")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of scenario files, for editor autocompletion."""
+    import json
+
+    from infer_bench.scenario import scenario_json_schema
+
+    print(json.dumps(scenario_json_schema(), indent=2))
 
 
 @app.command()

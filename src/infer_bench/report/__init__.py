@@ -1,0 +1,1 @@
+"""Turning results into things people read: the terminal summary (and, later, markdown, HTML, JUnit)."""

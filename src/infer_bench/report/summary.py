@@ -1,0 +1,88 @@
+"""The end-of-run summary: headline figures, a latency table per metric, and the outcomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+ORDER = ("ttft", "ttft_sent", "itl", "tpot", "e2e", "e2e_sent", "headers", "output_tokens", "schedule_lag")
+LABELS = {
+    "ttft": "time to first token",
+    "ttft_sent": "  … from actual send",
+    "itl": "inter-token latency",
+    "tpot": "time per output token",
+    "e2e": "end to end",
+    "e2e_sent": "  … from actual send",
+    "headers": "time to headers",
+    "output_tokens": "output tokens",
+    "schedule_lag": "client schedule lag",
+}
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "":
+        return f"{value:,.0f}"
+    if value >= 10_000:
+        return f"{value / 1000:,.2f} s"
+    return f"{value:,.2f} ms" if value < 100 else f"{value:,.1f} ms"
+
+
+def render_summary(result: dict[str, Any]) -> Group:
+    head = result["headline"]
+    scenario = result["scenario"]
+    status = result["status"]
+    title = Text.assemble(
+        ("infer-bench ", "bold"), (scenario.get("source", ""), "cyan"), " → ", scenario.get("target", ""),
+        f" · {result['duration_s']:.1f} s · ",
+        (status, "green" if status == "complete" else "bold yellow"),
+        (f" ({result['stop_reason']})" if result.get("stop_reason") else "", "yellow"),
+    )  # fmt: skip
+    figures = Text.assemble(
+        ("requests ", "dim"), f"{head['requests']:,}", ("  succeeded ", "dim"), f"{head['succeeded']:,} ",
+        (f"({head['request_rate']:,.1f}/s)", "dim"),
+        ("  completion ", "dim"), _rate(head["completion_rate"], good_when_high=True),
+        ("  disconnects ", "dim"), _rate(head["disconnect_rate"]),
+        ("  errors ", "dim"), _rate(head["error_rate"]),
+        ("  dropped ", "dim"), (f"{head['dropped']:,}", "bold red" if head["dropped"] else ""),
+        ("  tokens ", "dim"), f"{head['tokens']:,} ", (f"({head['token_rate']:,.0f}/s)", "dim"),
+    )  # fmt: skip
+    parts: list[Any] = [title, figures]
+    if "requested_rate" in head:
+        parts.append(Text.assemble(
+            ("open model: requested ", "dim"), f"{head['requested_rate']:,.1f}/s",
+            ("  achieved ", "dim"), f"{head['achieved_rate']:,.1f}/s",
+        ))  # fmt: skip
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("metric")
+    for col in ("avg", "p50", "p90", "p99", "max", "count"):
+        table.add_column(col, justify="right")
+    summary = result["total"]["summary"]
+    for name in ORDER:
+        stat = summary.get(name)
+        if stat is None:
+            continue
+        unit = "" if name == "output_tokens" else "ms"
+        table.add_row(
+            LABELS[name], *(_fmt(stat[c], unit) for c in ("mean", "p50", "p90", "p99", "max")), f"{stat['count']:,}"
+        )
+    parts.append(table)
+    outcomes = result["total"]["outcomes"]
+    if outcomes:
+        parts.append(
+            Text.assemble(("outcomes: ", "dim"), " · ".join(f"{k} {v:,}" for k, v in sorted(outcomes.items())))
+        )
+    for warning in result.get("warnings", []):
+        parts.append(Text(f"⚠ {warning}", style="bold yellow"))
+    return Group(*parts)
+
+
+def _rate(value: float, good_when_high: bool = False) -> Text:
+    bad = value < 0.99 if good_when_high else value > 0.0
+    return Text(f"{value * 100:.2f}%", style="bold red" if bad else "green")
+
+
+def print_summary(result: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(render_summary(result))

@@ -1,0 +1,176 @@
+"""The result file: a versioned JSON document with lossless histograms.
+
+Shape (``schema: infer-bench.result``, ``version: 1``)::
+
+    {schema, version, started_at, duration_s, status: complete|interrupted, stop_reason,
+     scenario: {source, target, scenarios: {...}}, environment: {...},
+     headline: {requests, succeeded, completion_rate, disconnect_rate, error_rate, dropped,
+                request_rate, token_rate, requested_rate?, achieved_rate?},
+     groups: [{tags, requests, outcomes, statuses, tokens, dropped,
+               summary: {metric: {count, min, mean, p50, p90, p95, p99, p999, max}},
+               histograms: {metric: <HdrHistogram V2 compressed base64>}}],
+     series: [{t, started, succeeded, failed, tokens, dropped, ttft_p50_ms, ttft_p99_ms}],
+     errors: [ ... up to 100 samples ... ]}
+
+Durations in ``summary`` are milliseconds; histograms hold microseconds (``output_tokens``: counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from infer_bench import __version__
+from infer_bench.errors import UsageError
+from infer_bench.metrics.recorder import COUNT_METRICS, METRICS, MetricSet, Recorder
+from infer_bench.metrics.timeline import SUCCESSES, Outcome
+
+SCHEMA = "infer-bench.result"
+VERSION = 1
+PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9}
+
+
+def summarize(ms: MetricSet) -> dict[str, dict[str, float | int]]:
+    out: dict[str, dict[str, float | int]] = {}
+    for name, hist in ms.histograms.items():
+        count = hist.get_total_count()
+        if count == 0:
+            continue
+        scale = 1 if name in COUNT_METRICS else 1000  # µs → ms
+        values = hist.get_percentile_to_value_dict(list(PERCENTILES.values()))
+        stat: dict[str, float | int] = {
+            "count": count, "min": hist.get_min_value() / scale, "mean": round(hist.get_mean_value() / scale, 3),
+            "max": hist.get_max_value() / scale,
+        }  # fmt: skip
+        for label, p in PERCENTILES.items():
+            stat[label] = values[p] / scale
+        out[name] = stat
+    return out
+
+
+def headline(total: MetricSet, duration_s: float) -> dict[str, float | int]:
+    """The figures a reader looks at first. Completion rate leaves out requests cancelled on purpose."""
+    requests = total.requests
+    outcomes = total.outcomes
+    succeeded = sum(outcomes[o.value] for o in SUCCESSES)
+    cancelled = outcomes[Outcome.CANCELLED.value]
+    failed = requests - succeeded - cancelled
+    considered = max(requests - cancelled, 1)
+    return {
+        "requests": requests,
+        "succeeded": succeeded,
+        "cancelled": cancelled,
+        "failed": failed,
+        "dropped": total.dropped,
+        "completion_rate": round(succeeded / considered, 6),
+        "disconnect_rate": round(outcomes[Outcome.DISCONNECTED.value] / max(requests, 1), 6),
+        "error_rate": round(failed / considered, 6),
+        "request_rate": round(succeeded / duration_s, 3) if duration_s > 0 else 0.0,
+        "token_rate": round(total.tokens / duration_s, 3) if duration_s > 0 else 0.0,
+        "tokens": total.tokens,
+    }
+
+
+def environment(argv: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "infer_bench": __version__,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "argv": argv if argv is not None else sys.argv,
+        "git_revision": _git_revision(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=2, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def build_result(
+    recorder: Recorder,
+    *,
+    scenario: dict[str, Any],
+    started_at: str,
+    duration_s: float,
+    status: str,
+    stop_reason: str | None,
+    rates: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    recorder.flush()
+    total = recorder.total()
+    groups = []
+    for key, ms in sorted(recorder.sets.items()):
+        groups.append({
+            "tags": dict(key),
+            "requests": ms.requests,
+            "outcomes": dict(ms.outcomes),
+            "statuses": {str(k): v for k, v in sorted(ms.statuses.items())},
+            "tokens": ms.tokens,
+            "dropped": ms.dropped,
+            "summary": summarize(ms),
+            "histograms": {n: h.encode().decode("ascii") for n, h in ms.histograms.items() if h.get_total_count()},
+        })  # fmt: skip
+    head = headline(total, duration_s)
+    if rates:
+        head.update(rates)
+    return {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "started_at": started_at,
+        "duration_s": round(duration_s, 3),
+        "status": status,
+        "stop_reason": stop_reason,
+        "scenario": scenario,
+        "environment": environment(),
+        "metrics": METRICS,
+        "headline": head,
+        "total": {"summary": summarize(total), "outcomes": dict(total.outcomes)},
+        "groups": groups,
+        "series": [s.to_json() for s in recorder.series],
+        "errors": recorder.error_sample,
+    }
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the run, not after it, when the result cannot be written.
+
+    Raises:
+        UsageError: the directory is missing or not writable.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise UsageError(f"--out {path}: the directory {directory} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".infer-bench-", delete=True):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot write in {directory} ({exc.strerror})") from None
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated result behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,235 @@
+"""Running a scenario file end to end: target up, swarm, live view, result file, summary.
+
+The reference server (``target: reference``) runs as a subprocess so it has its own interpreter and
+core; the load generator never shares a GIL with the server it measures. Ctrl-C or SIGTERM stop the
+swarm at once and the partial result is still written (status ``interrupted``, exit code 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from infer_bench.clients.requests import Target
+from infer_bench.errors import RunAborted, TargetUnreachable
+from infer_bench.metrics.recorder import Recorder
+from infer_bench.plan import expected_arrivals
+from infer_bench.result import build_result, check_writable, write_result
+from infer_bench.scenario import ConstantArrivalRate, RampingArrivalRate, Scenario
+from infer_bench.swarm import Swarm
+
+CPU_WARNING = 0.70
+SERVER_START_TIMEOUT_S = 30.0
+
+
+@dataclass
+class RunState:
+    """What the live view and the result need beyond the recorder."""
+
+    started_wall: str = ""
+    start_ns: int = 0
+    cpu_by_second: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+Live = Callable[[Swarm, Recorder, RunState], None]
+
+
+@contextlib.contextmanager
+def reference_server(settings: dict[str, Any]) -> Iterator[str]:
+    """Start ``infer-bench serve`` with ``settings`` on a free loopback port; yield its URL; stop it."""
+    with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
+        config = Path(tmp) / "server.yaml"
+        config.write_text(yaml.safe_dump({**settings, "host": "127.0.0.1", "port": 0}))
+        cmd = [sys.executable, "-m", "infer_bench.cli", "serve", "--config", str(config)]
+        log = Path(tmp) / "server.log"  # a file, not a pipe: a chatty server can never block on it
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            yield _await_announcement(proc, log)
+        finally:
+            _stop(proc)
+
+
+def _await_announcement(proc: subprocess.Popen[str], log: Path) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=0.2):
+                if proc.poll() is not None:
+                    break
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if " on http://" in line:
+                return line.rsplit(" on ", 1)[1].strip()
+    err = log.read_text(errors="replace").strip()[-500:]
+    raise RunAborted(f"the reference server did not start: {err or 'no announcement within the time limit'}")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.stdout is not None:
+        proc.stdout.close()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def check_reachable(target: Target) -> None:
+    try:
+        with socket.create_connection((target.host, target.port), timeout=5):
+            pass
+    except OSError as exc:
+        raise TargetUnreachable(f"cannot connect to {target.host_header}: {exc.strerror or exc}") from None
+
+
+def run_scenario(
+    scenario: Scenario, *, out: Path | None, live: Live | None = None, seed: int = 0
+) -> tuple[dict[str, Any], int]:
+    """Run ``scenario``; return the result and the exit code (0, or 3 when interrupted)."""
+    if out is not None:
+        check_writable(out)
+    with contextlib.ExitStack() as stack:
+        url = scenario.target
+        if url == "reference":
+            url = stack.enter_context(reference_server(scenario.reference))
+        target = Target.from_url(url)
+        check_reachable(target)
+        result = _run_loop(scenario, target, url, live, seed)
+    if out is not None:
+        write_result(out, result)
+    return result, (3 if result["status"] != "complete" else 0)
+
+
+def _run_loop(scenario: Scenario, target: Target, url: str, live: Live | None, seed: int) -> dict[str, Any]:
+    loop_factory = _loop_factory()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_run(scenario, target, url, live, seed))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, seed: int) -> dict[str, Any]:
+    state = RunState(started_wall=datetime.now(UTC).isoformat(timespec="seconds"), start_ns=time.perf_counter_ns())
+    recorder = Recorder(state.start_ns)
+    swarm = Swarm(target, recorder)
+    loop = asyncio.get_running_loop()
+
+    def interrupt(reason: str) -> None:
+        if state.stop_reason is None:
+            state.stop_reason = reason
+        swarm.stop()
+
+    for sig, name in ((signal.SIGINT, "interrupted (Ctrl-C)"), (signal.SIGTERM, "interrupted (SIGTERM)")):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, interrupt, name)
+    ticker = asyncio.ensure_future(_tick(swarm, recorder, state, live))
+    try:
+        await swarm.run(scenario.scenarios, seed)
+    except asyncio.CancelledError:
+        interrupt("interrupted")
+    finally:
+        ticker.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    duration_s = (time.perf_counter_ns() - state.start_ns) / 1e9
+    if live is not None:
+        live(swarm, recorder, state)
+    result = build_result(
+        recorder,
+        scenario={"source": scenario.source, "target": url, "scenarios": _describe(scenario)},
+        started_at=state.started_wall,
+        duration_s=duration_s,
+        status="interrupted" if state.stop_reason else "complete",
+        stop_reason=state.stop_reason,
+        rates=_open_rates(scenario, swarm),
+    )
+    result["warnings"] = state.warnings + _cpu_warnings(state)
+    result["client"] = {"cpu_by_second": [round(c, 3) for c in state.cpu_by_second], "pid": os.getpid()}
+    return result
+
+
+async def _tick(swarm: Swarm, recorder: Recorder, state: RunState, live: Live | None) -> None:
+    """Once a second: fold buffers into histograms, sample client CPU, refresh the live view."""
+    last_wall, last_cpu = time.perf_counter(), time.process_time()
+    while True:
+        await asyncio.sleep(0.5)
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        if now_wall - last_wall >= 1.0:
+            state.cpu_by_second.append((now_cpu - last_cpu) / (now_wall - last_wall))
+            last_wall, last_cpu = now_wall, now_cpu
+            recorder.flush()
+        if live is not None:
+            live(swarm, recorder, state)
+
+
+def _cpu_warnings(state: RunState) -> list[str]:
+    busy = [c for c in state.cpu_by_second if c > CPU_WARNING]
+    if not busy:
+        return []
+    return [
+        f"the client process was above {CPU_WARNING:.0%} CPU for {len(busy)} of {len(state.cpu_by_second)} s "
+        f"(peak {max(busy):.0%}): latencies measured then include the client's own queueing; "
+        "lower the load per process"
+    ]
+
+
+def _open_rates(scenario: Scenario, swarm: Swarm) -> dict[str, float]:
+    requested = achieved = 0.0
+    duration = 0.0
+    for spec in scenario.scenarios.values():
+        ex = spec.executor
+        if isinstance(ex, ConstantArrivalRate | RampingArrivalRate):
+            requested += expected_arrivals(ex)
+            achieved += swarm.progress[spec.name].dispatched
+            duration = max(duration, ex.total_duration())
+    if duration == 0:
+        return {}
+    return {"requested_rate": round(requested / duration, 3), "achieved_rate": round(achieved / duration, 3)}
+
+
+def _describe(scenario: Scenario) -> dict[str, Any]:
+    """The scenario as run, for the result file, with secrets (API keys) redacted."""
+    described = {}
+    for name, spec in scenario.scenarios.items():
+        dumped = spec.model_dump(mode="json")
+        for cls in dumped.get("classes", []):
+            request = cls.get("request") or {}
+            if request.get("api_key"):
+                request["api_key"] = "<redacted>"
+            for header in list(request.get("headers") or {}):
+                if header.lower() in ("authorization", "x-api-key", "api-key"):
+                    request["headers"][header] = "<redacted>"
+        described[name] = dumped
+    return described

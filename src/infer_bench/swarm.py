@@ -1,0 +1,294 @@
+"""The driver: runs every scenario's executor against the target and feeds the recorder.
+
+This is the only code that sleeps. Each executor is bounded by its own duration (or ``max_duration``)
+plus ``graceful_stop``, after which iterations still running are cancelled and counted as interrupted;
+a stop request (Ctrl-C, SIGTERM) cancels everything at once. Open-loop arrivals never sleep less than
+1 ms and fire every due arrival on each wake-up (MEASUREMENTS.md: shorter sleeps either round up to 1 ms
+or spin), and each request records both its intended and its actual send time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+from infer_bench.clients.requests import RequestFactory, Target, prompts, request_factory
+from infer_bench.clients.vu import Connection
+from infer_bench.metrics.recorder import Recorder, TagKey, tag_key
+from infer_bench.plan import arrivals, vus_at
+from infer_bench.scenario import (
+    ConstantArrivalRate,
+    ConstantVUs,
+    PerVUIterations,
+    RampingArrivalRate,
+    RampingVUs,
+    ScenarioSpec,
+    SharedIterations,
+    UserClass,
+)
+
+NS = 1_000_000_000
+MIN_SLEEP_S = 0.001
+RAMP_TICK_S = 0.05
+
+
+@dataclass
+class ClassRuntime:
+    """A user class made ready to send: its request factory, prompt stream and random source."""
+
+    spec: UserClass
+    key: TagKey
+    factory: RequestFactory
+    prompts: Iterator[str]
+    rng: random.Random
+
+    def think_s(self) -> float:
+        t = self.spec.think_time
+        return t.min if t.max <= t.min else self.rng.uniform(t.min, t.max)
+
+    def cancel_after(self) -> int | None:
+        b = self.spec.behavior
+        if b.cancel_after_tokens is not None and self.rng.random() < b.cancel_probability:
+            return b.cancel_after_tokens
+        return None
+
+
+@dataclass
+class ScenarioProgress:
+    """What the live view shows of one scenario."""
+
+    name: str
+    executor: str
+    started_ns: int = 0
+    ends_ns: int = 0
+    vus: int = 0
+    in_flight: int = 0
+    interrupted: int = 0
+    done: bool = False
+    requested: int = 0  # open model: arrivals due so far
+    dispatched: int = 0  # ... and those that found a VU (the rest were dropped)
+    stage: str = ""
+
+
+@dataclass
+class Swarm:
+    target: Target
+    recorder: Recorder
+    clock: Callable[[], int] = time.perf_counter_ns
+    progress: dict[str, ScenarioProgress] = field(default_factory=dict)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def stop(self) -> None:
+        """Stop now: no new requests, in-flight ones cancelled (the result stays valid, marked partial)."""
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self, scenarios: dict[str, ScenarioSpec], seed: int = 0) -> None:
+        start = self.clock()
+        runs = [ScenarioRun(self, spec, start, seed + i) for i, spec in enumerate(scenarios.values())]
+        for r in runs:
+            self.progress[r.spec.name] = r.progress
+        await asyncio.gather(*(r.run() for r in runs))
+        await asyncio.sleep(0.01)  # let aborted transports finish closing before the loop does
+
+    async def sleep_until(self, due_ns: int) -> bool:
+        """Sleep until ``due_ns`` or a stop; False if stopped."""
+        while not self._stop.is_set():
+            wait_s = (due_ns - self.clock()) / NS
+            if wait_s <= 0:
+                return True
+            try:
+                await asyncio.wait_for(self._stop.wait(), max(wait_s, MIN_SLEEP_S))
+            except TimeoutError:
+                return True
+        return False
+
+
+class ScenarioRun:
+    """One scenario of the file: its classes, its executor, its warmup window."""
+
+    def __init__(self, swarm: Swarm, spec: ScenarioSpec, run_start_ns: int, seed: int) -> None:
+        self.swarm = swarm
+        self.spec = spec
+        self.clock = swarm.clock
+        self.recorder = swarm.recorder
+        self.start_ns = run_start_ns + int(spec.start_time * NS)
+        self.measure_from_ns = self.start_ns + int(spec.warmup * NS)
+        rng = random.Random(seed)
+        self.classes = [self._runtime(c, rng.randrange(2**32)) for c in spec.classes]
+        weights = list(itertools.accumulate(c.weight for c in spec.classes))
+        self._cumulative = [w / weights[-1] for w in weights]
+        self._pick = random.Random(rng.randrange(2**32))
+        self.progress = ScenarioProgress(spec.name, spec.executor.kind)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: list[Connection] = []  # open model: connections of VUs waiting for an arrival
+
+    def _runtime(self, cls: UserClass, seed: int) -> ClassRuntime:
+        key = tag_key(scenario=self.spec.name, **{"class": cls.name}, protocol=cls.protocol, **self.spec.tags)
+        rng = random.Random(seed)
+        return ClassRuntime(cls, key, request_factory(cls, self.swarm.target), prompts(cls.prompts, rng), rng)
+
+    def class_for_vu(self, index: int) -> ClassRuntime:
+        """Deterministic weighted assignment: VU i's position in [0, 1) follows the golden-ratio sequence,
+        which spreads evenly at any VU count, and picks the class whose weight interval covers it."""
+        position = (index * 0.6180339887498949 + 0.5) % 1.0
+        return self.classes[bisect.bisect_left(self._cumulative, position)]
+
+    def class_at_random(self) -> ClassRuntime:
+        return self.classes[bisect.bisect_left(self._cumulative, self._pick.random())]
+
+    # --- one request ----------------------------------------------------------------------------
+
+    async def iterate(self, conn: Connection, runtime: ClassRuntime, intended_ns: int) -> None:
+        measured = intended_ns >= self.measure_from_ns
+        tl = self.recorder.timeline(runtime.key, intended_ns, measured)
+        payload = runtime.factory.build(next(runtime.prompts))
+        spec = runtime.spec
+        self.recorder.started(self.clock())
+        self.progress.in_flight += 1
+        try:
+            await conn.request(
+                tl, payload, runtime.factory.exchange, timeout_s=spec.timeout,
+                cancel_after_tokens=runtime.cancel_after(), read_delay_s=spec.behavior.read_delay,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            self.progress.interrupted += 1
+            raise
+        finally:
+            self.progress.in_flight -= 1
+        self.recorder.finished(runtime.key, tl, measured)
+
+    # --- executors ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if not await self.swarm.sleep_until(self.start_ns):
+            self.progress.done = True
+            return
+        executor = self.spec.executor
+        self.progress.started_ns = self.clock()
+        self.progress.ends_ns = self.start_ns + int(executor.total_duration() * NS)
+        try:
+            if isinstance(executor, ConstantArrivalRate | RampingArrivalRate):
+                await self._open(executor)
+            else:
+                await self._closed(executor)
+            await self._drain()
+        finally:
+            for conn in self._idle:
+                conn.close()
+            self.progress.done = True
+
+    async def _closed(self, ex: ConstantVUs | RampingVUs | PerVUIterations | SharedIterations) -> None:
+        deadline = self.progress.ends_ns
+        if isinstance(ex, RampingVUs):
+            await self._ramping_vus(ex, deadline)
+            return
+        remaining = [ex.iterations] if isinstance(ex, SharedIterations) else None
+        for i in range(ex.vus):
+            budget = ex.iterations if isinstance(ex, PerVUIterations) else None
+            self._spawn(self._vu_loop(i, deadline, budget, remaining))
+        self.progress.vus = ex.vus
+        await self._wait_tasks_until(deadline)  # iteration executors usually end before their deadline
+
+    async def _ramping_vus(self, ex: RampingVUs, deadline: int) -> None:
+        retire: list[asyncio.Event] = []
+        while not self.swarm.stopped and self.clock() < deadline:
+            target = vus_at(ex.start_vus, ex.stages, (self.clock() - self.start_ns) / NS)
+            while len(retire) < target:
+                flag = asyncio.Event()
+                retire.append(flag)
+                self._spawn(self._vu_loop(len(retire) - 1, deadline, None, None, flag))
+            while len(retire) > target:
+                retire.pop().set()  # the newest VU leaves after its current iteration (k6's ramp-down)
+            self.progress.vus = len(retire)
+            await self.swarm.sleep_until(self.clock() + int(RAMP_TICK_S * NS))
+
+    async def _vu_loop(
+        self,
+        index: int,
+        deadline: int,
+        budget: int | None,
+        shared: list[int] | None,
+        retire: asyncio.Event | None = None,
+    ) -> None:
+        runtime = self.class_for_vu(index)
+        conn = Connection(self.swarm.target, self.clock)
+        try:
+            while not self.swarm.stopped and self.clock() < deadline and not (retire and retire.is_set()):
+                if budget is not None:
+                    if budget == 0:
+                        return
+                    budget -= 1
+                if shared is not None:
+                    if shared[0] <= 0:
+                        return
+                    shared[0] -= 1
+                await self.iterate(conn, runtime, self.clock())
+                think = runtime.think_s()
+                if think > 0:
+                    await self.swarm.sleep_until(self.clock() + int(think * NS))
+        finally:
+            conn.close()
+
+    async def _open(self, ex: ConstantArrivalRate | RampingArrivalRate) -> None:
+        target = self.swarm.target
+        idle = self._idle
+        idle.extend(Connection(target, self.clock) for _ in range(ex.pre_allocated_vus))
+        allocated = len(idle)
+        for offset in arrivals(ex):
+            due = self.start_ns + int(offset * NS)
+            if due > self.clock() + int(MIN_SLEEP_S * NS / 5) and not await self.swarm.sleep_until(due):
+                break
+            self.progress.requested += 1
+            runtime = self.class_at_random()
+            if idle:
+                conn = idle.pop()
+            elif allocated < ex.max_vus:
+                conn, allocated = Connection(target, self.clock), allocated + 1
+            else:
+                self.recorder.dropped(runtime.key, self.clock(), due >= self.measure_from_ns)
+                continue
+            self.progress.vus = allocated
+            self.progress.dispatched += 1
+            self._spawn(self._open_iteration(conn, runtime, due, idle))
+
+    async def _open_iteration(self, conn: Connection, runtime: ClassRuntime, due: int, idle: list[Connection]) -> None:
+        try:
+            await self.iterate(conn, runtime, due)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        idle.append(conn)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait_tasks_until(self, deadline: int) -> None:
+        """Until every spawned iteration ended, ``deadline`` passed, or a stop request."""
+        stop_waiter = asyncio.ensure_future(self.swarm._stop.wait())
+        try:
+            while self._tasks and not self.swarm.stopped:
+                left_s = (deadline - self.clock()) / NS
+                if left_s <= 0:
+                    return
+                await asyncio.wait([*self._tasks, stop_waiter], timeout=left_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_waiter.cancel()
+
+    async def _drain(self) -> None:
+        """Wait ``graceful_stop`` for iterations in flight (none on a stop request), then cancel them."""
+        await self._wait_tasks_until(self.clock() + int(self.spec.graceful_stop * NS))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

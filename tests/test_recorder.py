@@ -1,0 +1,115 @@
+"""Timelines into histograms: definitions of TTFT, ITL, TPOT and E2E, outcomes and merging."""
+
+from __future__ import annotations
+
+import pytest
+
+from infer_bench.metrics.recorder import MetricSet, Recorder, tag_key
+from infer_bench.metrics.timeline import Outcome, Timeline
+from infer_bench.result import headline, summarize
+
+MS = 1_000_000
+BASE = 1_000 * MS  # stamps are monotonic clock readings; 0 means "never happened"
+
+
+def approx(value: float) -> object:
+    """HdrHistogram answers to 3 significant digits (the highest value equivalent to a bucket)."""
+    return pytest.approx(value, rel=1e-3)
+
+
+def streamed(rec: Recorder, key: tuple[tuple[str, str], ...], token_ms: list[int], outcome: Outcome = Outcome.COMPLETED,
+             intended_ms: int = 0, sent_ms: int = 0) -> Timeline:  # fmt: skip
+    tl = rec.timeline(key, BASE + intended_ms * MS, measured=True)
+    tl.sent_ns = BASE + sent_ms * MS
+    tl.headers_ns = BASE + (sent_ms + 1) * MS
+    for t in token_ms:
+        tl.on_tokens(BASE + t * MS)
+    tl.finish(outcome, BASE + (token_ms[-1] if token_ms else sent_ms + 1) * MS)
+    rec.finished(key, tl, measured=True)
+    return tl
+
+
+def test_ttft_itl_tpot_and_e2e_follow_their_definitions() -> None:
+    rec = Recorder(0)
+    key = tag_key(scenario="s")
+    streamed(rec, key, [10, 30, 50, 70])
+    rec.flush()
+    stats = summarize(rec.sets[key])
+    assert stats["ttft"]["p50"] == approx(10.0)
+    assert stats["itl"]["count"] == 3
+    assert stats["itl"]["min"] == approx(20.0)
+    assert stats["itl"]["max"] == approx(20.0)
+    assert stats["tpot"]["p50"] == approx(20.0)
+    assert stats["e2e"]["max"] == approx(70.0)
+    assert stats["headers"]["p50"] == approx(1.0)
+    assert stats["output_tokens"]["p50"] == 4
+
+
+def test_open_loop_latency_counts_from_the_intended_start_and_keeps_the_sent_variant() -> None:
+    rec = Recorder(0)
+    key = tag_key(scenario="s")
+    streamed(rec, key, [110, 120], intended_ms=0, sent_ms=100)  # sent 100 ms late
+    rec.flush()
+    stats = summarize(rec.sets[key])
+    assert stats["ttft"]["p50"] == approx(110.0)
+    assert stats["ttft_sent"]["p50"] == approx(10.0)
+    assert stats["schedule_lag"]["p50"] == approx(100.0)
+
+
+def test_an_event_with_k_tokens_adds_one_gap_and_k_minus_one_zero_gaps() -> None:
+    tl = Timeline(0, gaps := [])
+    tl.on_tokens(10, 1)
+    tl.on_tokens(30, 3)
+    assert gaps == [20, 0, 0]
+    assert tl.tokens == 4
+
+
+def test_the_first_outcome_wins() -> None:
+    tl = Timeline(0, [])
+    tl.finish(Outcome.CANCELLED, 5)
+    tl.finish(Outcome.DISCONNECTED, 9, "late error")
+    assert (tl.outcome, tl.end_ns, tl.error) == (Outcome.CANCELLED, 5, None)
+
+
+def test_failed_requests_count_as_outcomes_but_not_as_latencies() -> None:
+    rec = Recorder(0)
+    key = tag_key(scenario="s")
+    streamed(rec, key, [10, 20])
+    streamed(rec, key, [15], outcome=Outcome.DISCONNECTED)
+    streamed(rec, key, [12], outcome=Outcome.CANCELLED)
+    rec.flush()
+    ms = rec.sets[key]
+    assert ms.outcomes == {"completed": 1, "disconnected": 1, "cancelled": 1}
+    assert ms.histograms["e2e"].get_total_count() == 1
+    assert ms.histograms["ttft"].get_total_count() == 3
+    head = headline(ms, duration_s=1.0)
+    assert head["completion_rate"] == 0.5  # cancelled on purpose are left out
+    assert head["disconnect_rate"] == round(1 / 3, 6)
+    assert len(rec.error_sample) == 1
+
+
+def test_warmup_requests_feed_the_series_but_not_the_statistics() -> None:
+    rec = Recorder(0)
+    key = tag_key(scenario="s")
+    tl = rec.timeline(key, 1, measured=False)
+    tl.sent_ns = 1
+    tl.on_tokens(5 * MS)
+    tl.on_tokens(9 * MS)
+    tl.finish(Outcome.COMPLETED, 9 * MS)
+    rec.finished(key, tl, measured=False)
+    assert key not in rec.sets
+    assert rec.series[0].succeeded == 1
+
+
+def test_metric_sets_merge_losslessly() -> None:
+    a, b = Recorder(0), Recorder(0)
+    key = tag_key(scenario="s")
+    streamed(a, key, [10, 20])
+    streamed(b, key, [30, 50])
+    merged = MetricSet()
+    merged.merge(a.sets[key])
+    merged.merge(b.sets[key])
+    stats = summarize(merged)
+    assert stats["ttft"]["count"] == 2
+    assert (stats["ttft"]["min"], stats["ttft"]["max"]) == (approx(10.0), approx(30.0))
+    assert merged.outcomes == {"completed": 2}

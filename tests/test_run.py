@@ -1,0 +1,196 @@
+"""``infer-bench run`` end to end: real servers on loopback, real clients, every outcome provoked."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fakes import broken_server
+from infer_bench.runner import reference_server, run_scenario
+from infer_bench.scenario import load_scenario, parse_scenario
+
+pytestmark = pytest.mark.slow  # real servers on loopback; still run in CI
+
+SCENARIOS = Path(__file__).parent.parent / "scenarios"
+
+# A tokens model whose every step costs exactly 20 ms, with no prefill and no per-sequence term.
+FIXED_STEP = {"models": [{"kind": "echo"}, {"kind": "tokens", "base_ms": 20, "per_seq_ms": 0, "prefill_ms": 0,
+                                                "per_input_token_ms": 0}]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fixed_server() -> Iterator[str]:
+    with reference_server(FIXED_STEP) as url:
+        yield url
+
+
+def run_text(text: str, tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / "result.json"
+    result, code = run_scenario(parse_scenario(text, source="test.yaml"), out=out)
+    assert code == 0
+    assert json.loads(out.read_text())["headline"] == result["headline"]
+    return result
+
+
+def server_stats(url: str) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(url + "/stats", trust_env=False).json()["metrics"]
+    return stats
+
+
+def test_measured_ttft_and_itl_match_the_servers_own_timing(fixed_server: str, tmp_path: Path) -> None:
+    """The client's figures must equal the server's plus transport, whatever the machine's speed.
+
+    The server times each token at its emission; the client at its arrival. Their difference is loopback
+    transport and parsing, well under a millisecond, so the comparison is to the server's own mean,
+    never to a wall-clock constant.
+    """
+    before = server_stats(fixed_server)
+    result = run_text(f"""
+target: {fixed_server}
+scenarios:
+  fixed:
+    executor: per-vu-iterations
+    vus: 2
+    iterations: 10
+    protocol: sse
+    request: {{max_tokens: 12}}
+""", tmp_path)  # fmt: skip
+    after = server_stats(fixed_server)
+
+    def server_mean_ms(name: str) -> float:
+        a = before[name][0] if before[name] else {"sum": 0.0, "count": 0}
+        (b,) = after[name]
+        return float(b["sum"] - a["sum"]) / (b["count"] - a["count"]) * 1000
+
+    summary = result["total"]["summary"]
+    assert result["headline"]["succeeded"] == 20
+    assert summary["itl"]["count"] == 20 * 11
+    assert summary["itl"]["mean"] == pytest.approx(server_mean_ms("inferbench_inter_token_seconds"), abs=1.0)
+    assert summary["ttft"]["mean"] == pytest.approx(server_mean_ms("inferbench_ttft_seconds"), abs=1.5)
+    assert summary["itl"]["p50"] >= 19.5  # typical gaps cannot beat the 20 ms step (single ones can: jitter)
+    assert summary["output_tokens"]["min"] == summary["output_tokens"]["max"] == 12
+
+
+def test_every_outcome_of_a_well_behaved_server_is_counted(fixed_server: str, tmp_path: Path) -> None:
+    result = run_text(f"""
+target: {fixed_server}
+scenarios:
+  length: {{executor: per-vu-iterations, vus: 1, iterations: 2, protocol: sse, request: {{max_tokens: 3}}}}
+  natural:
+    executor: per-vu-iterations
+    iterations: 2
+    protocol: openai
+    request: {{api: completions, max_tokens: 3}}
+  cancel:
+    executor: per-vu-iterations
+    iterations: 2
+    protocol: sse
+    request: {{max_tokens: 50}}
+    behavior: {{cancel_after_tokens: 2}}
+  timeout:
+    executor: per-vu-iterations
+    iterations: 1
+    protocol: sse
+    request: {{max_tokens: 50}}
+    timeout: 100ms
+  not-found: {{executor: per-vu-iterations, iterations: 2, protocol: http, request: {{path: /nope}}}}
+""", tmp_path)  # fmt: skip
+    by_scenario = {g["tags"]["scenario"]: g["outcomes"] for g in result["groups"]}
+    assert by_scenario == {
+        "length": {"truncated": 2},
+        "natural": {"truncated": 2},
+        "cancel": {"cancelled": 2},
+        "timeout": {"timed_out": 1},
+        "not-found": {"http_error": 2},
+    }
+    statuses = {g["tags"]["scenario"]: g["statuses"] for g in result["groups"]}
+    assert statuses["not-found"] == {"404": 2}
+
+
+def test_injected_model_faults_are_stream_errors(tmp_path: Path) -> None:
+    with reference_server({"models": [{"kind": "echo"}, {"kind": "tokens", "fail_rate": 1.0}]}) as url:
+        result = run_text(f"""
+target: {url}
+scenarios:
+  faulty: {{executor: per-vu-iterations, iterations: 3, protocol: sse, request: {{max_tokens: 30}}}}
+""", tmp_path)  # fmt: skip
+    assert result["total"]["outcomes"] == {"stream_error": 3}
+    assert result["errors"][0]["error"] == "model_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "outcome"),
+    [
+        pytest.param("/rate-limited", "rate_limited", id="429"),
+        pytest.param("/server-error", "http_error", id="500"),
+        pytest.param("/drop", "disconnected", id="connection-dropped-mid-stream"),
+        pytest.param("/no-done", "disconnected", id="stream-ended-without-final-event"),
+        pytest.param("/garbage", "protocol_error", id="broken-chunked-encoding"),
+        pytest.param("/stall", "timed_out", id="stalled-stream"),
+    ],
+)
+def test_a_misbehaving_server_gives_each_failure_its_own_outcome(path: str, outcome: str, tmp_path: Path) -> None:
+    with broken_server() as url:
+        result = run_text(f"""
+target: {url}
+scenarios:
+  broken:
+    executor: per-vu-iterations
+    iterations: 2
+    protocol: sse
+    request: {{path: {path}}}
+    timeout: 300ms
+""", tmp_path)  # fmt: skip
+    assert result["total"]["outcomes"] == {outcome: 2}
+    assert result["headline"]["completion_rate"] == 0.0
+    assert result["errors"]
+
+
+def test_open_loop_counts_arrivals_it_could_not_send_as_dropped(fixed_server: str, tmp_path: Path) -> None:
+    """One VU, 20 ms per token × 10 tokens, 50 arrivals/s: most arrivals find the VU busy."""
+    result = run_text(f"""
+target: {fixed_server}
+scenarios:
+  overload:
+    executor: constant-arrival-rate
+    rate: 50
+    duration: 1s
+    pre_allocated_vus: 1
+    max_vus: 1
+    protocol: sse
+    request: {{max_tokens: 10}}
+""", tmp_path)  # fmt: skip
+    head = result["headline"]
+    assert head["requests"] + head["dropped"] == 50
+    assert head["dropped"] >= 40
+    assert head["requested_rate"] == 50.0
+    assert head["achieved_rate"] == head["requests"]
+
+
+def test_unreachable_target_is_reported_before_the_run(tmp_path: Path) -> None:
+    from infer_bench.errors import TargetUnreachable
+
+    scenario = parse_scenario(
+        "target: http://127.0.0.1:1\nscenarios:\n  s: {executor: per-vu-iterations, protocol: sse}\n", source="t.yaml"
+    )
+    with pytest.raises(TargetUnreachable, match="cannot connect"):
+        run_scenario(scenario, out=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_scenarios_validate_and_run_briefly(path: Path, tmp_path: Path) -> None:
+    scenario = load_scenario(path, {"DURATION": "3s", "RATE": "20", "RAMP": "1s"})
+    if scenario.target != "reference":
+        pytest.skip(f"{path.name} targets {scenario.target}")
+    short = parse_scenario(path.read_text(), source=str(path), base_dir=path.parent,
+                           env={"DURATION": "3s", "RATE": "20", "RAMP": "1s"})  # fmt: skip
+    result, code = run_scenario(short, out=tmp_path / "r.json")
+    assert code == 0
+    assert result["headline"]["succeeded"] > 0
+    assert result["headline"]["error_rate"] == 0.0
