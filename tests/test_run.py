@@ -194,3 +194,76 @@ def test_example_scenarios_validate_and_run_briefly(path: Path, tmp_path: Path) 
     assert code == 0
     assert result["headline"]["succeeded"] > 0
     assert result["headline"]["error_rate"] == 0.0
+
+
+def test_websocket_lanes_share_one_socket_and_the_vus_iteration_budget(fixed_server: str, tmp_path: Path) -> None:
+    before = server_stats(fixed_server)["inferbench_sequences_total"]
+    result = run_text(f"""
+target: {fixed_server}
+scenarios:
+  ws:
+    executor: per-vu-iterations
+    vus: 2
+    iterations: 6
+    protocol: websocket
+    request: {{max_tokens: 5, in_flight: 3}}
+  ws-cancel:
+    executor: per-vu-iterations
+    iterations: 2
+    protocol: websocket
+    request: {{max_tokens: 200}}
+    behavior: {{cancel_after_tokens: 3}}
+  ws-timeout:
+    executor: per-vu-iterations
+    iterations: 1
+    protocol: websocket
+    request: {{max_tokens: 200}}
+    timeout: 150ms
+""", tmp_path)  # fmt: skip
+    by_scenario = {g["tags"]["scenario"]: g["outcomes"] for g in result["groups"]}
+    assert by_scenario == {"ws": {"truncated": 12}, "ws-cancel": {"cancelled": 2}, "ws-timeout": {"timed_out": 1}}
+    ws = next(g for g in result["groups"] if g["tags"]["scenario"] == "ws")
+    assert ws["summary"]["output_tokens"]["min"] == 5
+    # The client's cancel message stops generation on the server: three sequences ended as cancelled.
+    after = server_stats(fixed_server)["inferbench_sequences_total"]
+    cancelled = {e["labels"]["outcome"]: e["value"] for e in after}.get("cancelled", 0) - {
+        e["labels"]["outcome"]: e["value"] for e in before
+    }.get("cancelled", 0)
+    assert cancelled == 3
+
+
+def test_ctrl_c_stops_the_run_and_still_writes_the_partial_result(fixed_server: str, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scenario = tmp_path / "long.yaml"
+    scenario.write_text(f"""
+target: {fixed_server}
+scenarios:
+  long: {{executor: constant-vus, vus: 4, duration: 60s, protocol: sse, request: {{max_tokens: 5}}}}
+""")
+    out = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infer_bench.cli", "run", str(scenario), "-o", str(out), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # wait until requests are flowing (the server counts them)
+            stats = server_stats(fixed_server)["inferbench_requests_total"]
+            if sum(e["value"] for e in stats) > 40:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, stderr
+    result = json.loads(out.read_text())
+    assert result["status"] == "interrupted"
+    assert "Ctrl-C" in result["stop_reason"]
+    assert result["headline"]["succeeded"] > 0
+    assert "partial result" in stderr
+    assert "Traceback" not in stderr

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -164,6 +165,9 @@ async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, 
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
     duration_s = (time.perf_counter_ns() - state.start_ns) / 1e9
+    if swarm.failure is not None:
+        state.stop_reason = f"internal error: {swarm.failure!r} (a bug in infer-bench; please report it)"
+        traceback.print_exception(swarm.failure, file=sys.stderr)
     if live is not None:
         live(swarm, recorder, state)
     result = build_result(

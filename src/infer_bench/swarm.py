@@ -17,8 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from infer_bench.clients.requests import RequestFactory, Target, prompts, request_factory
-from infer_bench.clients.vu import Connection
+from infer_bench.clients import Client, Target, client_maker, lanes
+from infer_bench.clients.requests import prompts
 from infer_bench.metrics.recorder import Recorder, TagKey, tag_key
 from infer_bench.plan import arrivals, vus_at
 from infer_bench.scenario import (
@@ -43,7 +43,8 @@ class ClassRuntime:
 
     spec: UserClass
     key: TagKey
-    factory: RequestFactory
+    new_client: Callable[[], Client]
+    lanes: int  # requests one VU keeps in flight (WebSocket in_flight), else 1
     prompts: Iterator[str]
     rng: random.Random
 
@@ -81,6 +82,7 @@ class Swarm:
     recorder: Recorder
     clock: Callable[[], int] = time.perf_counter_ns
     progress: dict[str, ScenarioProgress] = field(default_factory=dict)
+    failure: BaseException | None = None  # a bug of ours inside a VU task: it stops the run, loudly
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stop(self) -> None:
@@ -112,6 +114,16 @@ class Swarm:
         return False
 
 
+def _take(budget: list[int] | None) -> bool:
+    """Claim one iteration from a budget (None: unlimited); False when it is spent."""
+    if budget is None:
+        return True
+    if budget[0] <= 0:
+        return False
+    budget[0] -= 1
+    return True
+
+
 class ScenarioRun:
     """One scenario of the file: its classes, its executor, its warmup window."""
 
@@ -129,12 +141,13 @@ class ScenarioRun:
         self._pick = random.Random(rng.randrange(2**32))
         self.progress = ScenarioProgress(spec.name, spec.executor.kind)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._idle: list[Connection] = []  # open model: connections of VUs waiting for an arrival
+        self._idle: dict[int, list[Client]] = {}  # open model: per class, VU lanes waiting for an arrival
 
     def _runtime(self, cls: UserClass, seed: int) -> ClassRuntime:
         key = tag_key(scenario=self.spec.name, **{"class": cls.name}, protocol=cls.protocol, **self.spec.tags)
         rng = random.Random(seed)
-        return ClassRuntime(cls, key, request_factory(cls, self.swarm.target), prompts(cls.prompts, rng), rng)
+        new_client = client_maker(cls, self.swarm.target, self.clock)
+        return ClassRuntime(cls, key, new_client, lanes(cls), prompts(cls.prompts, rng), rng)
 
     def class_for_vu(self, index: int) -> ClassRuntime:
         """Deterministic weighted assignment: VU i's position in [0, 1) follows the golden-ratio sequence,
@@ -147,16 +160,16 @@ class ScenarioRun:
 
     # --- one request ----------------------------------------------------------------------------
 
-    async def iterate(self, conn: Connection, runtime: ClassRuntime, intended_ns: int) -> None:
+    async def iterate(self, client: Client, runtime: ClassRuntime, intended_ns: int) -> None:
         measured = intended_ns >= self.measure_from_ns
         tl = self.recorder.timeline(runtime.key, intended_ns, measured)
-        payload = runtime.factory.build(next(runtime.prompts))
+        prompt = next(runtime.prompts)
         spec = runtime.spec
         self.recorder.started(self.clock())
         self.progress.in_flight += 1
         try:
-            await conn.request(
-                tl, payload, runtime.factory.exchange, timeout_s=spec.timeout,
+            await client.request(
+                tl, prompt, timeout_s=spec.timeout,
                 cancel_after_tokens=runtime.cancel_after(), read_delay_s=spec.behavior.read_delay,
             )  # fmt: skip
         except asyncio.CancelledError:
@@ -182,8 +195,9 @@ class ScenarioRun:
                 await self._closed(executor)
             await self._drain()
         finally:
-            for conn in self._idle:
-                conn.close()
+            for pool in self._idle.values():
+                for client in set(pool):
+                    client.close()
             self.progress.done = True
 
     async def _closed(self, ex: ConstantVUs | RampingVUs | PerVUIterations | SharedIterations) -> None:
@@ -220,58 +234,80 @@ class ScenarioRun:
         retire: asyncio.Event | None = None,
     ) -> None:
         runtime = self.class_for_vu(index)
-        conn = Connection(self.swarm.target, self.clock)
-        try:
+        client = runtime.new_client()
+        budget_left = [budget] if budget is not None else None  # per VU, shared by its lanes
+
+        async def lane() -> None:
             while not self.swarm.stopped and self.clock() < deadline and not (retire and retire.is_set()):
-                if budget is not None:
-                    if budget == 0:
-                        return
-                    budget -= 1
-                if shared is not None:
-                    if shared[0] <= 0:
-                        return
-                    shared[0] -= 1
-                await self.iterate(conn, runtime, self.clock())
+                if not _take(budget_left) or not _take(shared):
+                    return
+                await self.iterate(client, runtime, self.clock())
                 think = runtime.think_s()
                 if think > 0:
                     await self.swarm.sleep_until(self.clock() + int(think * NS))
+
+        try:
+            await asyncio.gather(*(lane() for _ in range(runtime.lanes)))
         finally:
-            conn.close()
+            client.close()
 
     async def _open(self, ex: ConstantArrivalRate | RampingArrivalRate) -> None:
-        target = self.swarm.target
+        """Each arrival picks its class by weight, then an idle VU of that class; ``max_vus`` bounds all."""
         idle = self._idle
-        idle.extend(Connection(target, self.clock) for _ in range(ex.pre_allocated_vus))
-        allocated = len(idle)
+        for i in range(ex.pre_allocated_vus):
+            runtime = self.classes[i % len(self.classes)]
+            idle.setdefault(id(runtime), []).extend([runtime.new_client()] * runtime.lanes)
+        allocated = ex.pre_allocated_vus
         for offset in arrivals(ex):
             due = self.start_ns + int(offset * NS)
             if due > self.clock() + int(MIN_SLEEP_S * NS / 5) and not await self.swarm.sleep_until(due):
                 break
             self.progress.requested += 1
             runtime = self.class_at_random()
-            if idle:
-                conn = idle.pop()
+            pool = idle.setdefault(id(runtime), [])
+            if pool:
+                client = pool.pop()
             elif allocated < ex.max_vus:
-                conn, allocated = Connection(target, self.clock), allocated + 1
+                client, allocated = runtime.new_client(), allocated + 1
+                pool.extend([client] * (runtime.lanes - 1))
+            elif (spare := self._idle_elsewhere(runtime)) is not None:
+                spare.close()  # re-purpose an idle VU of another class: the weights hold, max_vus too
+                client = runtime.new_client()
+                pool.extend([client] * (runtime.lanes - 1))
             else:
                 self.recorder.dropped(runtime.key, self.clock(), due >= self.measure_from_ns)
                 continue
             self.progress.vus = allocated
             self.progress.dispatched += 1
-            self._spawn(self._open_iteration(conn, runtime, due, idle))
+            self._spawn(self._open_iteration(client, runtime, due, pool))
 
-    async def _open_iteration(self, conn: Connection, runtime: ClassRuntime, due: int, idle: list[Connection]) -> None:
+    def _idle_elsewhere(self, runtime: ClassRuntime) -> Client | None:
+        for key, pool in self._idle.items():
+            if key != id(runtime) and pool:
+                client = pool.pop()
+                if client not in pool:  # a WebSocket VU is free only when all its lanes are
+                    return client
+                pool.append(client)
+        return None
+
+    async def _open_iteration(self, client: Client, runtime: ClassRuntime, due: int, pool: list[Client]) -> None:
         try:
-            await self.iterate(conn, runtime, due)
+            await self.iterate(client, runtime, due)
         except asyncio.CancelledError:
-            conn.close()
+            client.close()
             raise
-        idle.append(conn)
+        pool.append(client)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None and self.swarm.failure is None:
+            self.swarm.failure = exc  # peers' failures are outcomes; an exception here is our own bug
+            self.swarm.stop()
 
     async def _wait_tasks_until(self, deadline: int) -> None:
         """Until every spawned iteration ended, ``deadline`` passed, or a stop request."""

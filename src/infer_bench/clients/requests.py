@@ -78,7 +78,7 @@ def request_factory(user_class: UserClass, target: Target) -> RequestFactory:
         return RequestFactory(SSEExchange, build_sse)
     if user_class.protocol == "openai":
         return _openai_factory(req, host)
-    raise UsageError(f"class {user_class.name!r}: the {user_class.protocol} client is not available yet")
+    raise UsageError(f"class {user_class.name!r}: no HTTP request template for protocol {user_class.protocol}")
 
 
 def _openai_factory(req: Any, host: str) -> RequestFactory:

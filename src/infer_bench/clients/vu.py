@@ -1,4 +1,4 @@
-"""A virtual user's connection: one keep-alive connection, one request at a time, reconnected on need."""
+"""A virtual user's HTTP client: one keep-alive connection, one request at a time, reconnected on need."""
 
 from __future__ import annotations
 
@@ -7,25 +7,25 @@ import time
 
 from infer_bench.clients.exchange import Exchange
 from infer_bench.clients.http1 import Clock, Http1Connection, connect
-from infer_bench.clients.requests import Target
+from infer_bench.clients.requests import RequestFactory, Target
 from infer_bench.metrics.timeline import Outcome, Timeline
 
 CONNECT_TIMEOUT_S = 10.0
 
 
-class Connection:
-    """Sends requests for one VU and waits for each to end (completed, failed or timed out)."""
+class HttpClient:
+    """Sends one VU's HTTP requests (plain, SSE, OpenAI) and waits for each to end."""
 
-    def __init__(self, target: Target, clock: Clock = time.perf_counter_ns) -> None:
+    def __init__(self, target: Target, factory: RequestFactory, clock: Clock = time.perf_counter_ns) -> None:
         self._target = target
+        self._factory = factory
         self._clock = clock
         self._conn: Http1Connection | None = None
 
     async def request(
         self,
         tl: Timeline,
-        payload: bytes,
-        exchange_cls: type[Exchange],
+        prompt: str,
         *,
         timeout_s: float,
         cancel_after_tokens: int | None = None,
@@ -33,6 +33,8 @@ class Connection:
     ) -> None:
         """Run one request to its end; every failure ends up on ``tl`` as an outcome, never raised."""
         clock = self._clock
+        payload = self._factory.build(prompt)
+        exchange_cls: type[Exchange] = self._factory.exchange
         conn = self._conn
         if conn is None or conn.closed:
             try:
