@@ -20,6 +20,14 @@ def _chunk(data: bytes) -> bytes:
 
 TOKEN = _chunk(b'event: token\ndata: {"token":" x"}\n\n')
 
+# /resumable: two tokens, then the connection drops; asked again with Last-Event-ID, the rest and done.
+RESUMABLE_START = b"".join(_chunk(b'id: r:%d\nevent: token\ndata: {"token":" a"}\n\n' % i) for i in range(2))
+RESUMED_TAIL = (
+    b"".join(_chunk(b'id: r:%d\nevent: token\ndata: {"token":" b"}\n\n' % i) for i in range(2, 4))
+    + _chunk(b'event: done\ndata: {"finish_reason":"stop"}\n\n')
+    + b"0\r\n\r\n"
+)
+
 RESPONSES: dict[bytes, tuple[bytes, str]] = {
     # path: (bytes to send, then "close" | "keep" | "stall")
     b"/rate-limited": (b'HTTP/1.1 429 Too Many Requests\r\ncontent-length: 24\r\n\r\n{"error":"rate_limited"}', "keep"),
@@ -42,6 +50,13 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             if length:
                 await reader.readexactly(length)
             path = head.split(b" ", 2)[1]
+            if path == b"/resumable":
+                resumed = b"last-event-id:" in head.lower()
+                writer.write(SSE_HEAD + (RESUMED_TAIL if resumed else RESUMABLE_START))
+                await writer.drain()
+                if not resumed:
+                    break  # drop the connection mid-stream
+                continue
             payload, then = RESPONSES.get(path, (b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", "keep"))
             writer.write(payload)
             await writer.drain()

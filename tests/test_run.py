@@ -267,3 +267,49 @@ scenarios:
     assert result["headline"]["succeeded"] > 0
     assert "partial result" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("reconnect", "outcomes", "tokens", "reconnects"),
+    [
+        pytest.param(True, {"completed": 2}, 8, 2, id="resumes-with-last-event-id"),
+        pytest.param(False, {"disconnected": 2}, 4, 0, id="without-reconnect-a-drop-is-a-disconnect"),
+    ],
+)
+def test_a_dropped_sse_stream_resumes_with_last_event_id_when_asked(
+    reconnect: bool, outcomes: dict[str, int], tokens: int, reconnects: int, tmp_path: Path
+) -> None:
+    with broken_server() as url:
+        result = run_text(f"""
+target: {url}
+scenarios:
+  resume:
+    executor: per-vu-iterations
+    iterations: 2
+    protocol: sse
+    request: {{path: /resumable}}
+    behavior: {{reconnect: {str(reconnect).lower()}}}
+""", tmp_path)  # fmt: skip
+    (group,) = result["groups"]
+    assert group["outcomes"] == outcomes
+    assert group["tokens"] == tokens
+    assert group["reconnects"] == reconnects
+
+
+def test_a_burst_sends_its_requests_at_once_then_waits_for_the_next(fixed_server: str, tmp_path: Path) -> None:
+    """Two bursts of 4 from one VU: 8 requests, and the second burst starts after `every`, not before."""
+    result = run_text(f"""
+target: {fixed_server}
+scenarios:
+  bursty:
+    executor: per-vu-iterations
+    vus: 1
+    iterations: 8
+    protocol: sse
+    request: {{max_tokens: 2}}
+    behavior: {{burst: {{size: 4, every: 300ms}}}}
+""", tmp_path)  # fmt: skip
+    assert result["total"]["outcomes"] == {"truncated": 8}
+    starts = [s["started"] for s in result["series"]]
+    assert sum(starts) == 8
+    assert result["duration_s"] >= 0.3  # two bursts, 300 ms apart

@@ -129,6 +129,7 @@ def build_result(
             "statuses": {str(k): v for k, v in sorted(ms.statuses.items())},
             "tokens": ms.tokens,
             "dropped": ms.dropped,
+            "reconnects": ms.reconnects,
             "summary": summarize(ms),
             "histograms": {n: h.encode().decode("ascii") for n, h in ms.histograms.items() if h.get_total_count()},
         })  # fmt: skip

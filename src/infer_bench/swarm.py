@@ -171,6 +171,7 @@ class ScenarioRun:
             await client.request(
                 tl, prompt, timeout_s=spec.timeout,
                 cancel_after_tokens=runtime.cancel_after(), read_delay_s=spec.behavior.read_delay,
+                reconnect=spec.behavior.reconnect,
             )  # fmt: skip
         except asyncio.CancelledError:
             self.progress.interrupted += 1
@@ -234,17 +235,31 @@ class ScenarioRun:
         retire: asyncio.Event | None = None,
     ) -> None:
         runtime = self.class_for_vu(index)
+        behavior = runtime.spec.behavior
+        burst = behavior.burst_size
+        # A burst is `burst` requests at once from this VU: one client each (a WebSocket VU's lanes share
+        # one socket). Without bursts a lane sends one request at a time.
+        shared_socket = runtime.lanes > 1
         client = runtime.new_client()
         budget_left = [budget] if budget is not None else None  # per VU, shared by its lanes
 
         async def lane() -> None:
-            while not self.swarm.stopped and self.clock() < deadline and not (retire and retire.is_set()):
-                if not _take(budget_left) or not _take(shared):
-                    return
-                await self.iterate(client, runtime, self.clock())
-                think = runtime.think_s()
-                if think > 0:
-                    await self.swarm.sleep_until(self.clock() + int(think * NS))
+            clients = [client] + [client if shared_socket else runtime.new_client() for _ in range(burst - 1)]
+            try:
+                while not self.swarm.stopped and self.clock() < deadline and not (retire and retire.is_set()):
+                    started = self.clock()
+                    sends = [c for c in clients if _take(budget_left) and _take(shared)]
+                    if not sends:
+                        return
+                    await asyncio.gather(*(self.iterate(c, runtime, started) for c in sends))
+                    pause = behavior.burst_every - (self.clock() - started) / NS if burst > 1 else 0.0
+                    pause = max(pause, runtime.think_s())
+                    if pause > 0:
+                        await self.swarm.sleep_until(self.clock() + int(pause * NS))
+            finally:
+                for extra in clients[1:]:
+                    if extra is not client:
+                        extra.close()
 
         try:
             await asyncio.gather(*(lane() for _ in range(runtime.lanes)))

@@ -20,7 +20,7 @@ from infer_bench.scenario import UserClass, WebSocketRequest
 class Client(Protocol):
     async def request(
         self, tl: Timeline, prompt: str, *, timeout_s: float, cancel_after_tokens: int | None = None,
-        read_delay_s: float = 0.0,
+        read_delay_s: float = 0.0, reconnect: bool = False,
     ) -> None: ...  # fmt: skip
 
     def close(self) -> None: ...

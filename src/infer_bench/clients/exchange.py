@@ -99,6 +99,11 @@ class Exchange:
         if self._terminal is None:
             self._terminal, self._terminal_error = outcome, error
 
+    @property
+    def last_event_id(self) -> str | None:
+        """The SSE last event ID seen (None for non-SSE responses): where a resumed stream goes on."""
+        return None
+
     def _error_text(self) -> str:
         text = self._error_body.decode("utf-8", "replace").strip()
         return f"HTTP {self.tl.status}: {text[:300]}" if text else f"HTTP {self.tl.status}"
@@ -125,6 +130,10 @@ class SSEExchange(Exchange):
     ) -> None:  # fmt: skip
         super().__init__(timeline, conn, cancel_after_tokens=cancel_after_tokens, read_delay_s=read_delay_s)
         self.decoder = SSEDecoder()
+
+    @property
+    def last_event_id(self) -> str | None:
+        return self.decoder.last_event_id
 
     def read(self, data: bytes, now: int) -> None:
         try:

@@ -30,25 +30,49 @@ class HttpClient:
         timeout_s: float,
         cancel_after_tokens: int | None = None,
         read_delay_s: float = 0.0,
+        reconnect: bool = False,
     ) -> None:
-        """Run one request to its end; every failure ends up on ``tl`` as an outcome, never raised."""
+        """Run one request to its end; every failure ends up on ``tl`` as an outcome, never raised.
+
+        With ``reconnect``, an SSE stream that drops mid-way is requested again on a new connection with
+        ``Last-Event-ID`` (WHATWG SSE resumption), up to ``MAX_RECONNECTS`` times, on the same timeline:
+        the outage shows as one long inter-token gap and the reconnects are counted.
+        """
         clock = self._clock
         payload = self._factory.build(prompt)
-        exchange_cls: type[Exchange] = self._factory.exchange
+        deadline = clock() + int(timeout_s * 1e9)
+        last_event_id: str | None = None
+        while True:
+            exchange = await self._exchange_once(tl, payload, deadline, cancel_after_tokens, read_delay_s)
+            if exchange is None:
+                return
+            last_event_id = exchange.last_event_id or last_event_id
+            if not (reconnect and _resumable(tl, last_event_id) and tl.reconnects < MAX_RECONNECTS):
+                return
+            tl.reopen()
+            assert last_event_id is not None
+            payload = _with_header(payload, "last-event-id", last_event_id)
+
+    async def _exchange_once(
+        self, tl: Timeline, payload: bytes, deadline: int, cancel_after_tokens: int | None, read_delay_s: float
+    ) -> Exchange | None:
+        clock = self._clock
+        left_s = max(0.0, (deadline - clock()) / 1e9)
         conn = self._conn
         if conn is None or conn.closed:
             try:
                 conn = self._conn = await connect(
-                    self._target.host, self._target.port, min(timeout_s, CONNECT_TIMEOUT_S), clock
+                    self._target.host, self._target.port, min(left_s, CONNECT_TIMEOUT_S), clock
                 )
             except (OSError, TimeoutError) as exc:
                 tl.finish(Outcome.CONNECT_ERROR, clock(), _describe(exc, self._target))
-                return
-        exchange = exchange_cls(tl, conn, cancel_after_tokens=cancel_after_tokens, read_delay_s=read_delay_s)
+                return None
+        exchange = self._factory.exchange(tl, conn, cancel_after_tokens=cancel_after_tokens, read_delay_s=read_delay_s)
         timer = asyncio.get_running_loop().call_later(
-            timeout_s, lambda: exchange.stop(Outcome.TIMED_OUT, clock(), f"no complete response within {timeout_s:g} s")
+            left_s, lambda: exchange.stop(Outcome.TIMED_OUT, clock(), "no complete response within the timeout")
         )
-        tl.sent_ns = clock()
+        if not tl.sent_ns:
+            tl.sent_ns = clock()
         conn.send(payload, exchange)
         try:
             await exchange.done
@@ -59,11 +83,28 @@ class HttpClient:
             timer.cancel()
         if not exchange.keep_alive:
             self._conn = None
+        return exchange
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.abort()
             self._conn = None
+
+
+MAX_RECONNECTS = 3
+
+
+def _resumable(tl: Timeline, last_event_id: str | None) -> bool:
+    return tl.outcome is Outcome.DISCONNECTED and tl.headers_ns != 0 and last_event_id is not None
+
+
+def _with_header(request: bytes, name: str, value: str) -> bytes:
+    """``request`` with the header ``name`` set to ``value`` (an earlier one of that name dropped)."""
+    head, sep, body = request.partition(b"\r\n\r\n")
+    prefix = name.lower().encode() + b":"
+    lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(prefix)]
+    lines.append(f"{name}: {value}".encode("latin-1"))
+    return b"\r\n".join(lines) + sep + body
 
 
 def _describe(exc: BaseException, target: Target) -> str:

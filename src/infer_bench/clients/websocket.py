@@ -226,6 +226,7 @@ class WebSocketClient:
         timeout_s: float,
         cancel_after_tokens: int | None = None,
         read_delay_s: float = 0.0,
+        reconnect: bool = False,  # SSE only: resumption on a WebSocket is the server's resume message
     ) -> None:
         """Run one generation to its end; every failure ends up on ``tl`` as an outcome, never raised."""
         clock = self._clock

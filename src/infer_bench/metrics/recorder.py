@@ -55,6 +55,7 @@ class MetricSet:
         self.statuses: Counter[int] = Counter()
         self.tokens = 0
         self.dropped = 0
+        self.reconnects = 0
 
     def add(self, tl: Timeline) -> None:
         pending = self._pending
@@ -63,6 +64,7 @@ class MetricSet:
         if tl.status:
             self.statuses[tl.status] += 1
         self.tokens += tl.tokens
+        self.reconnects += tl.reconnects
         if tl.sent_ns:
             pending["schedule_lag"].append(tl.sent_ns - tl.intended_ns)
             if tl.headers_ns:
@@ -97,6 +99,7 @@ class MetricSet:
         self.statuses.update(other.statuses)
         self.tokens += other.tokens
         self.dropped += other.dropped
+        self.reconnects += other.reconnects
 
     @property
     def requests(self) -> int:

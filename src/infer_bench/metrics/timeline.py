@@ -33,7 +33,7 @@ class Timeline:
 
     __slots__ = (
         "end_ns", "error", "first_token_ns", "gaps", "headers_ns", "intended_ns", "last_token_ns",
-        "outcome", "sent_ns", "status", "tokens",
+        "outcome", "reconnects", "sent_ns", "status", "tokens",
     )  # fmt: skip
 
     def __init__(self, intended_ns: int, gaps: list[int]) -> None:
@@ -47,6 +47,7 @@ class Timeline:
         self.status = 0
         self.outcome: Outcome | None = None
         self.error: str | None = None
+        self.reconnects = 0
         self.gaps = gaps  # where inter-token gaps go: the recorder's buffer, or a discard list in warmup
 
     def on_tokens(self, now: int, count: int = 1) -> None:
@@ -68,3 +69,10 @@ class Timeline:
             self.outcome = outcome
             self.end_ns = now
             self.error = error
+
+    def reopen(self) -> None:
+        """The client reconnects to resume the stream: the request is not over after all."""
+        self.outcome = None
+        self.error = None
+        self.end_ns = 0
+        self.reconnects += 1
