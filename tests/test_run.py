@@ -313,3 +313,35 @@ scenarios:
     starts = [s["started"] for s in result["series"]]
     assert sum(starts) == 8
     assert result["duration_s"] >= 0.3  # two bursts, 300 ms apart
+
+
+def test_a_target_that_dies_mid_run_ends_it_with_a_partial_result(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infer_bench.cli", "serve", "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().rsplit(" on ", 1)[1].strip()
+        threading.Timer(1.0, proc.kill).start()
+        scenario = parse_scenario(f"""
+target: {url}
+scenarios:
+  doomed: {{executor: constant-vus, vus: 2, duration: 60s, protocol: sse, request: {{max_tokens: 8}}}}
+""", source="doomed.yaml")  # fmt: skip
+        result, code = run_scenario(scenario, out=tmp_path / "r.json")
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 3
+    assert result["status"] == "interrupted"
+    assert "stopped accepting connections" in result["stop_reason"]
+    assert result["duration_s"] < 30
+    assert result["headline"]["succeeded"] > 0
+    assert result["total"]["outcomes"]["connect_error"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "interrupted"

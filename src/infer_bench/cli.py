@@ -152,7 +152,7 @@ def run(
     console = Console(stderr=True)
     with LiveView(console) if not quiet else _nothing() as live:
         result, code = run_scenario(spec, out=out, live=live)
-    print_summary(result, Console())
+    print_summary(result, Console() if sys.stdout.isatty() else Console(width=140))  # logs: room for tables
     Console(stderr=True).print(f"[dim]result written to {out}[/]")
     if code:
         raise RunAborted(f"the run stopped early ({result['stop_reason']}); the partial result is in {out}")

@@ -35,6 +35,8 @@ from infer_bench.scenario import ConstantArrivalRate, RampingArrivalRate, Scenar
 from infer_bench.swarm import Swarm
 
 CPU_WARNING = 0.70
+LAG_WARNING_MS = 10.0  # a send this late against its schedule means the client cannot keep up
+UNREACHABLE_S = 3  # seconds in a row with connection failures and no success end the run
 SERVER_START_TIMEOUT_S = 30.0
 
 
@@ -179,7 +181,7 @@ async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, 
         stop_reason=state.stop_reason,
         rates=_open_rates(scenario, swarm),
     )
-    result["warnings"] = state.warnings + _cpu_warnings(state)
+    result["warnings"] = state.warnings + _cpu_warnings(state) + _lag_warnings(recorder)
     result["client"] = {"cpu_by_second": [round(c, 3) for c in state.cpu_by_second], "pid": os.getpid()}
     return result
 
@@ -194,8 +196,28 @@ async def _tick(swarm: Swarm, recorder: Recorder, state: RunState, live: Live | 
             state.cpu_by_second.append((now_cpu - last_cpu) / (now_wall - last_wall))
             last_wall, last_cpu = now_wall, now_cpu
             recorder.flush()
+            if _target_gone(recorder):
+                state.stop_reason = f"the target stopped accepting connections ({UNREACHABLE_S} s without one)"
+                swarm.stop()
         if live is not None:
             live(swarm, recorder, state)
+
+
+def _target_gone(recorder: Recorder) -> bool:
+    """Every one of the last complete seconds failed to connect and nothing succeeded: a dead target."""
+    recent = recorder.series[:-1][-UNREACHABLE_S:]
+    return len(recent) == UNREACHABLE_S and all(s.connect_errors and not s.succeeded for s in recent)
+
+
+def _lag_warnings(recorder: Recorder) -> list[str]:
+    late = [s for s in recorder.series if s.lag_max_us > LAG_WARNING_MS * 1000]
+    if not late:
+        return []
+    worst = max(s.lag_max_us for s in late) / 1000
+    return [
+        f"the client's schedule ran more than {LAG_WARNING_MS:g} ms late in {len(late)} s of the run "
+        f"(worst {worst:,.1f} ms): open-loop latencies include that wait (they count from the schedule)"
+    ]
 
 
 def _cpu_warnings(state: RunState) -> list[str]:

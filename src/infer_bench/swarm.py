@@ -165,7 +165,7 @@ class ScenarioRun:
         tl = self.recorder.timeline(runtime.key, intended_ns, measured)
         prompt = next(runtime.prompts)
         spec = runtime.spec
-        self.recorder.started(self.clock())
+        self.recorder.started(self.clock(), intended_ns)
         self.progress.in_flight += 1
         try:
             await client.request(

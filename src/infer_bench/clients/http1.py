@@ -40,6 +40,8 @@ class Http1Connection(asyncio.Protocol):
         self._sink: ExchangeSink | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self._resume_at = 0.0
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -90,16 +92,30 @@ class Http1Connection(asyncio.Protocol):
             self.transport.abort()
 
     def pause_reading_for(self, seconds: float) -> None:
-        """Stop reading for ``seconds`` (a slow reader): the server sees TCP backpressure."""
+        """Read ``seconds`` later (a slow reader): pauses add up, and the server sees TCP backpressure."""
         transport = self.transport
         if transport is None or self.closed or seconds <= 0:
             return
-        transport.pause_reading()
-        asyncio.get_running_loop().call_later(seconds, self._resume)
+        loop = asyncio.get_running_loop()
+        start = max(loop.time(), self._resume_at)
+        self._resume_at = start + seconds
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+        else:
+            transport.pause_reading()
+        self._resume_handle = loop.call_at(self._resume_at, self._resume)
 
     def _resume(self) -> None:
+        self._resume_handle = None
+        self._resume_at = 0.0
         if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _end_pause(self) -> None:
+        """A response ended: the next request on this connection starts with a reader that is ready."""
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume()
 
     def _dispatch(self, events: list[ResponseHead | BodyChunk | ResponseEnd | Upgraded], now: int) -> None:
         for event in events:
@@ -113,6 +129,7 @@ class Http1Connection(asyncio.Protocol):
                 sink.on_head(event, now)
             elif type(event) is ResponseEnd:
                 self._sink = None
+                self._end_pause()
                 if not event.keep_alive:
                     self.abort()
                 sink.on_end(event.keep_alive, now)

@@ -116,13 +116,16 @@ class SecondStats:
     failed: int = 0
     tokens: int = 0
     dropped: int = 0
+    connect_errors: int = 0
+    lag_max_us: int = 0  # the latest send against its schedule this second
     ttft_us: list[int] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         ordered = sorted(self.ttft_us)
         return {
             "t": self.t, "started": self.started, "succeeded": self.succeeded, "failed": self.failed,
-            "tokens": self.tokens, "dropped": self.dropped,
+            "tokens": self.tokens, "dropped": self.dropped, "connect_errors": self.connect_errors,
+            "lag_max_ms": round(self.lag_max_us / 1000, 3),
             "ttft_p50_ms": _pick(ordered, 0.50), "ttft_p99_ms": _pick(ordered, 0.99),
         }  # fmt: skip
 
@@ -162,8 +165,12 @@ class Recorder:
             self.series.append(SecondStats(t=len(self.series)))
         return self.series[t] if t < len(self.series) else self.series[-1]
 
-    def started(self, now_ns: int) -> None:
-        self.second(now_ns).started += 1
+    def started(self, now_ns: int, intended_ns: int) -> None:
+        sec = self.second(now_ns)
+        sec.started += 1
+        lag_us = (now_ns - intended_ns) // 1000
+        if lag_us > sec.lag_max_us:
+            sec.lag_max_us = lag_us
 
     def finished(self, key: TagKey, tl: Timeline, measured: bool) -> None:
         sec = self.second(tl.end_ns)
@@ -172,6 +179,8 @@ class Recorder:
             sec.succeeded += 1
         elif tl.outcome is not Outcome.CANCELLED:
             sec.failed += 1
+            if tl.outcome is Outcome.CONNECT_ERROR:
+                sec.connect_errors += 1
             if len(self.error_sample) < 100:
                 self.error_sample.append({
                     "t_s": round((tl.end_ns - self.start_ns) / 1e9, 3), "outcome": str(tl.outcome),

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from infer_bench.metrics.recorder import Recorder
-from infer_bench.runner import CPU_WARNING, RunState
+from infer_bench.runner import CPU_WARNING, LAG_WARNING_MS, RunState
 from infer_bench.swarm import NS, Swarm
 
 WINDOW_S = 5
@@ -65,6 +65,10 @@ def render(swarm: Swarm, recorder: Recorder, state: RunState) -> Group:
     if cpu > CPU_WARNING:
         warning = f"⚠ client above {CPU_WARNING:.0%} CPU: its latency figures now include its own queueing"
         parts.append(Text(warning, style="bold yellow"))
+    lag_ms = max((sec.lag_max_us for sec in recorder.series[:-1][-WINDOW_S:]), default=0) / 1000
+    if lag_ms > LAG_WARNING_MS:
+        parts.append(Text(f"⚠ the client's schedule runs late (up to {lag_ms:,.1f} ms): it cannot keep this rate",
+                          style="bold yellow"))  # fmt: skip
     if recent["dropped"]:
         parts.append(Text("⚠ arrivals dropped: max_vus reached, the schedule cannot be kept", style="bold yellow"))
     return Group(*parts)

@@ -69,6 +69,8 @@ def render_summary(result: dict[str, Any]) -> Group:
             LABELS[name], *(_fmt(stat[c], unit) for c in ("mean", "p50", "p90", "p99", "max")), f"{stat['count']:,}"
         )
     parts.append(table)
+    if len(result["groups"]) > 1:
+        parts.append(_groups_table(result["groups"]))
     outcomes = result["total"]["outcomes"]
     if outcomes:
         parts.append(
@@ -77,6 +79,25 @@ def render_summary(result: dict[str, Any]) -> Group:
     for warning in result.get("warnings", []):
         parts.append(Text(f"⚠ {warning}", style="bold yellow"))
     return Group(*parts)
+
+
+def _groups_table(groups: list[dict[str, Any]]) -> Table:
+    """One row per tag set (scenario, class, protocol): where a mixed population differs."""
+    table = Table(box=None, pad_edge=False, header_style="bold", title_justify="left")
+    for col in ("scenario", "class", "protocol", "requests", "ok", "TTFT p50", "TTFT p99", "ITL p99", "E2E p99"):
+        table.add_column(col, justify="left" if col in ("scenario", "class", "protocol") else "right")
+    for g in groups:
+        tags, stats = g["tags"], g["summary"]
+        ok = sum(g["outcomes"].get(o, 0) for o in ("completed", "truncated"))
+
+        def ms(metric: str, col: str, stats: dict[str, Any] = stats) -> str:
+            return _fmt(stats[metric][col], "ms") if metric in stats else "–"
+
+        table.add_row(
+            tags.get("scenario", ""), tags.get("class", ""), tags.get("protocol", ""), f"{g['requests']:,}",
+            f"{ok:,}", ms("ttft", "p50"), ms("ttft", "p99"), ms("itl", "p99"), ms("e2e", "p99"),
+        )  # fmt: skip
+    return table
 
 
 def _rate(value: float, good_when_high: bool = False) -> Text:
