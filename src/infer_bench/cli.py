@@ -151,7 +151,7 @@ def run(
         out = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
     console = Console(stderr=True)
     with LiveView(console) if not quiet else _nothing() as live:
-        result, code = run_scenario(spec, out=out, live=live)
+        result, code = run_scenario(spec, out=out, live=live, seed=seed)
     print_summary(result, Console() if sys.stdout.isatty() else Console(width=140))  # logs: room for tables
     Console(stderr=True).print(f"[dim]result written to {out}[/]")
     if code:
@@ -172,9 +172,11 @@ def validate(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for ${KEY} in the file")] = None,
 ) -> None:
     """Check a scenario file without running it; errors name the file, line and field."""
+    from infer_bench.runner import check_reference_settings
     from infer_bench.scenario import load_scenario
 
     spec = load_scenario(scenario, _env(env or []))
+    check_reference_settings(spec)
     for name, s in spec.scenarios.items():
         classes = ", ".join(f"{c.name} ({c.protocol}, weight {c.weight:g})" for c in s.classes)
         print(f"{scenario}: {name}: {s.executor.kind}, {s.executor.total_duration():g} s; classes: {classes}")

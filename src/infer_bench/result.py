@@ -85,9 +85,25 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "argv": argv if argv is not None else sys.argv,
+        "argv": redact_argv(argv if argv is not None else sys.argv),
         "git_revision": _git_revision(),
     }
+
+
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASS", "AUTH", "CREDENTIAL")
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with the values of secret-looking ``-e NAME=VALUE`` pairs replaced."""
+    out = []
+    for arg in argv:
+        flag = next((f for f in ("--env=", "-e=") if arg.startswith(f)), "")
+        name, sep, _ = arg[len(flag) :].partition("=")
+        if sep and not name.startswith("-") and any(word in name.upper() for word in _SECRET_WORDS):
+            out.append(f"{flag}{name}=<redacted>")
+        else:
+            out.append(arg)
+    return out
 
 
 def _cpu_model() -> str:

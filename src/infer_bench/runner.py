@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from infer_bench.clients.requests import Target
-from infer_bench.errors import RunAborted, TargetUnreachable
+from infer_bench.errors import RunAborted, ScenarioError, TargetUnreachable
 from infer_bench.metrics.recorder import Recorder
 from infer_bench.plan import expected_arrivals
 from infer_bench.result import build_result, check_writable, write_result
@@ -109,10 +109,28 @@ def check_reachable(target: Target) -> None:
         raise TargetUnreachable(f"cannot connect to {target.host_header}: {exc.strerror or exc}") from None
 
 
+def check_reference_settings(scenario: Scenario) -> None:
+    """With ``target: reference``, the ``reference:`` settings must be valid server settings.
+
+    Raises:
+        ScenarioError: naming the scenario file and the setting.
+    """
+    if scenario.target != "reference":
+        return
+    from reference_server.errors import ConfigError as ServerConfigError
+    from reference_server.settings import validate_settings
+
+    try:
+        validate_settings({**scenario.reference, "host": "127.0.0.1", "port": 0}, f"{scenario.source}: reference")
+    except ServerConfigError as exc:
+        raise ScenarioError(str(exc)) from None
+
+
 def run_scenario(
     scenario: Scenario, *, out: Path | None, live: Live | None = None, seed: int = 0
 ) -> tuple[dict[str, Any], int]:
     """Run ``scenario``; return the result and the exit code (0, or 3 when interrupted)."""
+    check_reference_settings(scenario)
     if out is not None:
         check_writable(out)
     with contextlib.ExitStack() as stack:
@@ -181,6 +199,7 @@ async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, 
         stop_reason=state.stop_reason,
         rates=_open_rates(scenario, swarm),
     )
+    result["headline"]["interrupted"] = sum(p.interrupted for p in swarm.progress.values())
     result["warnings"] = state.warnings + _cpu_warnings(state) + _lag_warnings(recorder)
     result["client"] = {"cpu_by_second": [round(c, 3) for c in state.cpu_by_second], "pid": os.getpid()}
     return result

@@ -139,21 +139,33 @@ class ScenarioRun:
         weights = list(itertools.accumulate(c.weight for c in spec.classes))
         self._cumulative = [w / weights[-1] for w in weights]
         self._pick = random.Random(rng.randrange(2**32))
+        self._vu_classes: list[int] = []  # class index of VU i, grown on demand
+        self._vu_credit = [0.0] * len(self.classes)
         self.progress = ScenarioProgress(spec.name, spec.executor.kind)
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: dict[int, list[Client]] = {}  # open model: per class, VU lanes waiting for an arrival
 
     def _runtime(self, cls: UserClass, seed: int) -> ClassRuntime:
-        key = tag_key(scenario=self.spec.name, **{"class": cls.name}, protocol=cls.protocol, **self.spec.tags)
+        # The scenario's own tags come first; the built-in ones (scenario, class, protocol) win a clash.
+        tags = {**self.spec.tags, "scenario": self.spec.name, "class": cls.name, "protocol": cls.protocol}
         rng = random.Random(seed)
+        prompt_rng = random.Random(f"{cls.prompts.seed}:{seed}")  # the prompts' own seed, and the run's
         new_client = client_maker(cls, self.swarm.target, self.clock)
-        return ClassRuntime(cls, key, new_client, lanes(cls), prompts(cls.prompts, rng), rng)
+        return ClassRuntime(cls, tag_key(**tags), new_client, lanes(cls), prompts(cls.prompts, prompt_rng), rng)
 
     def class_for_vu(self, index: int) -> ClassRuntime:
-        """Deterministic weighted assignment: VU i's position in [0, 1) follows the golden-ratio sequence,
-        which spreads evenly at any VU count, and picks the class whose weight interval covers it."""
-        position = (index * 0.6180339887498949 + 0.5) % 1.0
-        return self.classes[bisect.bisect_left(self._cumulative, position)]
+        """Deterministic weighted assignment by smooth weighted round-robin (nginx's): every prefix of
+        VUs is split as close to the weights as whole VUs allow (weights 3:1 give A A B A, A A B A …)."""
+        weights = [c.spec.weight for c in self.classes]
+        total = sum(weights)
+        while len(self._vu_classes) <= index:
+            credit = self._vu_credit
+            for i, w in enumerate(weights):
+                credit[i] += w
+            best = max(range(len(credit)), key=credit.__getitem__)
+            credit[best] -= total
+            self._vu_classes.append(best)
+        return self.classes[self._vu_classes[index]]
 
     def class_at_random(self) -> ClassRuntime:
         return self.classes[bisect.bisect_left(self._cumulative, self._pick.random())]
@@ -270,7 +282,7 @@ class ScenarioRun:
         """Each arrival picks its class by weight, then an idle VU of that class; ``max_vus`` bounds all."""
         idle = self._idle
         for i in range(ex.pre_allocated_vus):
-            runtime = self.classes[i % len(self.classes)]
+            runtime = self.class_for_vu(i)
             idle.setdefault(id(runtime), []).extend([runtime.new_client()] * runtime.lanes)
         allocated = ex.pre_allocated_vus
         for offset in arrivals(ex):

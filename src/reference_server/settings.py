@@ -120,6 +120,15 @@ def load_settings(path: Path | None = None, **overrides: Any) -> ServerSettings:
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate_settings(data, source)
+
+
+def validate_settings(data: dict[str, Any], source: str = "settings") -> ServerSettings:
+    """Settings from a mapping, checked as a whole.
+
+    Raises:
+        ConfigError: a field is invalid; the message starts with ``source`` and names the field.
+    """
     try:
         settings = ServerSettings.model_validate(data)
     except ValidationError as exc:
