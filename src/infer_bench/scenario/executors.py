@@ -48,7 +48,7 @@ class ConstantVUsFields(SpecModel):
 
 
 class RampingVUsFields(SpecModel):
-    start_vus: WholeNumber = 0
+    start_vus: WholeNumber = 1  # k6's default
     stages: tuple[Stage, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
