@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import IO
 import httpx
 import pytest
 
+from polling import wait_until
 from reference_server.serve import EmbeddedServer
 
 pytestmark = pytest.mark.slow
@@ -115,15 +115,6 @@ def readiness(url: str) -> int | None:
         return None
 
 
-def poll_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout_s`` (a bound, not an expected duration)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.01)
-
-
 def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event, data) pairs; comments and ``retry`` are skipped (framing is tested in test_e2e_sse.py)."""
     event, data = "message", ""
@@ -174,7 +165,7 @@ def test_serve_drains_an_in_flight_sse_stream_on_sigterm(tmp_path: Path) -> None
             events = sse_events(r.iter_lines())
             assert next(events)[0] == "token"  # generation is under way
             served.proc.send_signal(signal.SIGTERM)
-            poll_until(lambda: readiness(served.url) != 200)
+            wait_until(lambda: readiness(served.url) != 200, timeout_s=10.0)
             assert readiness(served.url) in (503, None)  # red, or the listener is already closed
             try:
                 with http_client() as other:

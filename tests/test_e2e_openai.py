@@ -6,13 +6,13 @@ built on it; these tests hold the wire format to that.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
 
+from polling import wait_until
 from reference_server.serve import EmbeddedServer
 
 pytestmark = pytest.mark.slow  # real servers on loopback; still run in CI
@@ -25,15 +25,6 @@ MESSAGES: list[Any] = [
     {"role": "user", "content": "tell me about continuous batching"},
 ]
 PROMPT = "tell me about continuous batching"
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout_s`` (a bound, not an expected duration)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.002)
 
 
 def openai_client(server: EmbeddedServer) -> openai.OpenAI:

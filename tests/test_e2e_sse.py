@@ -7,7 +7,6 @@ framing mistake in one cannot hide behind the same mistake in the other.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from polling import wait_until
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
 
@@ -102,15 +102,6 @@ def stream(http: httpx.Client, server: EmbeddedServer, body: dict[str, Any], **k
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         return Streamed(r.status_code, r.headers, list(sse_blocks(r.iter_raw())))
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout_s`` (a bound, not an expected duration)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")

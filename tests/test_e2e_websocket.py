@@ -6,7 +6,6 @@ Clients are the ``websockets`` library's synchronous client talking to a real uv
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+from polling import wait_until
 from reference_server.serve import EmbeddedServer
 
 pytestmark = pytest.mark.slow  # real servers on loopback; still run in CI
@@ -25,15 +25,6 @@ ECHO = {"kind": "echo"}
 SLOW_TOKENS = {"kind": "tokens", "base_ms": 20}
 PROMPT = "tell me about continuous batching"
 RECV_TIMEOUT_S = 10.0
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout_s`` (a bound, not an expected duration)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.002)
 
 
 def open_socket(server: EmbeddedServer) -> ClientConnection:
