@@ -7,6 +7,7 @@ stream that stalls. It runs its own asyncio loop in a background thread; only te
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,10 @@ RESPONSES: dict[bytes, tuple[bytes, str]] = {
     b"/garbage": (SSE_HEAD + TOKEN + b"zz\r\nnot a chunk\r\n", "keep"),
     b"/stall": (SSE_HEAD + TOKEN, "stall"),
     b"/no-done": (SSE_HEAD + TOKEN + b"0\r\n\r\n", "keep"),
+    b"/ok": (
+        SSE_HEAD + TOKEN + TOKEN + _chunk(b'event: done\ndata: {"finish_reason":"stop"}\n\n') + b"0\r\n\r\n",
+        "keep",
+    ),
 }
 
 
@@ -71,14 +76,14 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
 
 
 @contextmanager
-def broken_server() -> Iterator[str]:
-    """Serve the canned responses on 127.0.0.1; yield the base URL."""
+def broken_server(tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """Serve the canned responses on 127.0.0.1 (over TLS with ``tls``); yield the base URL."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder: dict[str, object] = {}
 
     async def main() -> None:
-        server = await asyncio.start_server(_handle, "127.0.0.1", 0)
+        server = await asyncio.start_server(_handle, "127.0.0.1", 0, ssl=tls)
         holder["server"] = server
         holder["port"] = server.sockets[0].getsockname()[1]
         started.set()
@@ -107,7 +112,7 @@ def broken_server() -> Iterator[str]:
     if not started.wait(10):
         raise RuntimeError("the broken server did not start")
     try:
-        yield f"http://127.0.0.1:{holder['port']}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{holder['port']}"
     finally:
         loop.call_soon_threadsafe(task_holder["task"].cancel)
         thread.join(10)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -345,3 +347,41 @@ scenarios:
     assert result["headline"]["succeeded"] > 0
     assert result["total"]["outcomes"]["connect_error"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "interrupted"
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    """A server TLS context with a throwaway self-signed certificate for 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.parametrize(
+    ("verify", "outcome"),
+    [
+        pytest.param(False, "completed", id="insecure-accepts-a-self-signed-certificate"),
+        pytest.param(True, "connect_error", id="a-refused-certificate-is-a-connect-error"),
+    ],
+)
+def test_https_targets_stream_over_tls(self_signed: ssl.SSLContext, verify: bool, outcome: str, tmp_path: Path) -> None:
+    with broken_server(tls=self_signed) as url:
+        scenario = parse_scenario(f"""
+target: {url}
+scenarios:
+  tls: {{executor: per-vu-iterations, iterations: 2, protocol: sse, request: {{path: /ok}}}}
+""", source="tls.yaml")  # fmt: skip
+        result, code = run_scenario(scenario, out=tmp_path / "r.json", verify_tls=verify)
+    assert code == 0
+    assert result["total"]["outcomes"] == {outcome: 2}
+    if outcome == "connect_error":
+        assert "CERTIFICATE_VERIFY_FAILED" in result["errors"][0]["error"]
+    else:
+        assert result["headline"]["tokens"] == 4

@@ -134,6 +134,7 @@ def run(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for ${KEY} in the file")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts, class picks and behaviours")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress")] = False,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Accept any TLS certificate (self-signed)")] = False,
 ) -> None:
     """Run a scenario: drive the client swarm, show live progress, print a summary, write a result file."""
     from datetime import datetime
@@ -151,7 +152,7 @@ def run(
         out = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
     console = Console(stderr=True)
     with LiveView(console) if not quiet else _nothing() as live:
-        result, code = run_scenario(spec, out=out, live=live, seed=seed)
+        result, code = run_scenario(spec, out=out, live=live, seed=seed, verify_tls=not insecure)
     print_summary(result, Console() if sys.stdout.isatty() else Console(width=140))  # logs: room for tables
     Console(stderr=True).print(f"[dim]result written to {out}[/]")
     if code:

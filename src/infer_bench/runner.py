@@ -127,7 +127,7 @@ def check_reference_settings(scenario: Scenario) -> None:
 
 
 def run_scenario(
-    scenario: Scenario, *, out: Path | None, live: Live | None = None, seed: int = 0
+    scenario: Scenario, *, out: Path | None, live: Live | None = None, seed: int = 0, verify_tls: bool = True
 ) -> tuple[dict[str, Any], int]:
     """Run ``scenario``; return the result and the exit code (0, or 3 when interrupted)."""
     check_reference_settings(scenario)
@@ -137,7 +137,7 @@ def run_scenario(
         url = scenario.target
         if url == "reference":
             url = stack.enter_context(reference_server(scenario.reference))
-        target = Target.from_url(url)
+        target = Target.from_url(url, verify_tls=verify_tls)
         check_reachable(target)
         result = _run_loop(scenario, target, url, live, seed)
     if out is not None:

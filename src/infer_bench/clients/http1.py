@@ -9,6 +9,7 @@ per-chunk task switching: every chunk is stamped at receipt and handed synchrono
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -144,13 +145,21 @@ class Http1Connection(asyncio.Protocol):
             sink.on_failure(reason, now)
 
 
-async def connect(host: str, port: int, timeout_s: float, clock: Clock = time.perf_counter_ns) -> Http1Connection:
-    """Open a connection (TCP_NODELAY is asyncio's and uvloop's default for TCP).
+async def connect(
+    host: str,
+    port: int,
+    timeout_s: float,
+    clock: Clock = time.perf_counter_ns,
+    tls: ssl.SSLContext | None = None,
+) -> Http1Connection:
+    """Open a connection (TCP_NODELAY is asyncio's and uvloop's default for TCP), over TLS if given.
 
     Raises:
         OSError: refused, unreachable, or not connected within ``timeout_s`` (TimeoutError).
     """
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
-        _, protocol = await loop.create_connection(lambda: Http1Connection(clock), host, port)
+        _, protocol = await loop.create_connection(
+            lambda: Http1Connection(clock), host, port, ssl=tls, server_hostname=host if tls else None
+        )
     return protocol

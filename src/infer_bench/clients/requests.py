@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +28,28 @@ class Target:
     host: str
     port: int
     host_header: str
+    tls: ssl.SSLContext | None = None  # https / wss: TLS through the event loop
+
+    @property
+    def server_hostname(self) -> str | None:
+        return self.host if self.tls is not None else None
 
     @classmethod
-    def from_url(cls, url: str) -> Target:
+    def from_url(cls, url: str, *, verify_tls: bool = True) -> Target:
+        """The target of ``url``; with ``verify_tls=False`` (``--insecure``) any certificate is accepted."""
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "ws") or not parts.hostname:
-            raise UsageError(f"target: expected an http:// URL with a host, got {url!r} (TLS is not supported yet)")
-        port = parts.port or 80
+        if parts.scheme not in ("http", "ws", "https", "wss") or not parts.hostname:
+            raise UsageError(f"target: expected an http:// or https:// URL with a host, got {url!r}")
+        secure = parts.scheme in ("https", "wss")
+        port = parts.port or (443 if secure else 80)
         host = parts.hostname
-        return cls(host, port, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        context = None
+        if secure:
+            context = ssl.create_default_context()
+            if not verify_tls:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return cls(host, port, f"[{host}]:{port}" if ":" in host else f"{host}:{port}", context)
 
 
 def prompts(source: PromptSource, rng: random.Random) -> Iterator[str]:

@@ -61,9 +61,8 @@ class HttpClient:
         conn = self._conn
         if conn is None or conn.closed:
             try:
-                conn = self._conn = await connect(
-                    self._target.host, self._target.port, min(left_s, CONNECT_TIMEOUT_S), clock
-                )
+                target, timeout = self._target, min(left_s, CONNECT_TIMEOUT_S)
+                conn = self._conn = await connect(target.host, target.port, timeout, clock, target.tls)
             except (OSError, TimeoutError) as exc:
                 tl.finish(Outcome.CONNECT_ERROR, clock(), _describe(exc, self._target))
                 return None

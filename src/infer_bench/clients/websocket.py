@@ -185,7 +185,7 @@ class WebSocketClient:
         self._target = target
         self._template = template
         self._clock = clock
-        self._uri = f"ws://{target.host_header}{template.path}"
+        self._uri = f"{'wss' if target.tls else 'ws'}://{target.host_header}{template.path}"
         self._conn: WsConnection | None = None
         self._connecting: asyncio.Future[WsConnection] | None = None
         self._ids = itertools.count()
@@ -214,6 +214,8 @@ class WebSocketClient:
                 lambda: WsConnection(self._uri, self._template.headers, self._clock),
                 self._target.host,
                 self._target.port,
+                ssl=self._target.tls,
+                server_hostname=self._target.server_hostname,
             )
             await conn.opened
         return conn
