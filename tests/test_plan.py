@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from infer_bench.plan import arrivals, expected_arrivals, rate_at, vus_at
+from infer_bench.plan import arrivals, expected_arrivals, rate_at, stage_at, vus_at
 from infer_bench.scenario import ConstantArrivalRate, RampingArrivalRate, Stage
 
 
@@ -82,3 +82,8 @@ def test_a_zero_rate_stage_has_no_arrivals() -> None:
     times = list(arrivals(ramping(0, [(5, 0), (1, 10)])))
     assert times
     assert min(times) >= 5.0
+
+
+def test_stage_at_names_the_running_stage() -> None:
+    stages = (Stage(duration=10, target=5), Stage(duration=5, target=0))
+    assert [stage_at(stages, t) for t in (0, 9.9, 10, 14.9, 99)] == ["1/2", "1/2", "2/2", "2/2", "2/2"]

@@ -28,6 +28,16 @@ def vus_at(start_vus: int, stages: tuple[Stage, ...], t: float) -> int:
     return round(level)
 
 
+def stage_at(stages: tuple[Stage, ...], t: float) -> str:
+    """``"2/3"``: which stage runs at ``t`` seconds (the last one once all are over)."""
+    elapsed = 0.0
+    for i, stage in enumerate(stages):
+        elapsed += stage.duration
+        if t < elapsed:
+            return f"{i + 1}/{len(stages)}"
+    return f"{len(stages)}/{len(stages)}"
+
+
 @dataclass(frozen=True)
 class _Segment:
     start: float  # seconds

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from infer_bench.clients import Client, Target, client_maker, lanes
 from infer_bench.clients.requests import prompts
 from infer_bench.metrics.recorder import Recorder, TagKey, tag_key
-from infer_bench.plan import arrivals, vus_at
+from infer_bench.plan import arrivals, stage_at, vus_at
 from infer_bench.scenario import (
     ConstantArrivalRate,
     ConstantVUs,
@@ -228,7 +228,9 @@ class ScenarioRun:
     async def _ramping_vus(self, ex: RampingVUs, deadline: int) -> None:
         retire: list[asyncio.Event] = []
         while not self.swarm.stopped and self.clock() < deadline:
-            target = vus_at(ex.start_vus, ex.stages, (self.clock() - self.start_ns) / NS)
+            t = (self.clock() - self.start_ns) / NS
+            target = vus_at(ex.start_vus, ex.stages, t)
+            self.progress.stage = stage_at(ex.stages, t)
             while len(retire) < target:
                 flag = asyncio.Event()
                 retire.append(flag)
@@ -290,6 +292,8 @@ class ScenarioRun:
             if due > self.clock() + int(MIN_SLEEP_S * NS / 5) and not await self.swarm.sleep_until(due):
                 break
             self.progress.requested += 1
+            if isinstance(ex, RampingArrivalRate):
+                self.progress.stage = stage_at(ex.stages, offset)
             runtime = self.class_at_random()
             pool = idle.setdefault(id(runtime), [])
             if pool:

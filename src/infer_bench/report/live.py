@@ -44,13 +44,16 @@ def _ms(value: float | None) -> str:
 def render(swarm: Swarm, recorder: Recorder, state: RunState) -> Group:
     now = time.perf_counter_ns()
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("scenario", "executor", "elapsed", "left", "VUs", "in flight", "interrupted"):
+    for col in ("scenario", "executor", "stage", "elapsed", "left", "VUs", "in flight", "interrupted"):
         table.add_column(col, justify="left" if col in ("scenario", "executor") else "right")
     for p in swarm.progress.values():
         elapsed = (now - p.started_ns) / NS if p.started_ns else 0.0
         left = max(0.0, (p.ends_ns - now) / NS) if p.started_ns and not p.done else 0.0
         status = "done" if p.done else f"{left:,.0f} s"
-        table.add_row(p.name, p.executor, f"{elapsed:,.0f} s", status, str(p.vus), str(p.in_flight), str(p.interrupted))
+        table.add_row(
+            p.name, p.executor, p.stage or "–", f"{elapsed:,.0f} s", status, str(p.vus), str(p.in_flight),
+            str(p.interrupted),
+        )  # fmt: skip
     recent = _recent(recorder)
     cpu = state.cpu_by_second[-1] if state.cpu_by_second else 0.0
     line = Text.assemble(
