@@ -58,9 +58,9 @@ def test_open_loop_latency_counts_from_the_intended_start_and_keeps_the_sent_var
 
 def test_an_event_with_k_tokens_adds_one_gap_and_k_minus_one_zero_gaps() -> None:
     tl = Timeline(0, gaps := [])
-    tl.on_tokens(10, 1)
-    tl.on_tokens(30, 3)
-    assert gaps == [20, 0, 0]
+    tl.on_tokens(10 * MS, 1)
+    tl.on_tokens(30 * MS, 3)
+    assert gaps == [20_000, 0, 0]  # µs
     assert tl.tokens == 4
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import selectors
 import signal
@@ -147,8 +148,18 @@ def run_scenario(
 
 def _run_loop(scenario: Scenario, target: Target, url: str, live: Live | None, seed: int) -> dict[str, Any]:
     loop_factory = _loop_factory()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_run(scenario, target, url, live, seed))
+    # Objects made before the run never die during it: freeze them out of the collector's scans, and
+    # collect the young generation less often (profiled: 16 ms full collections at 4,000 streams/s).
+    gc.collect()
+    gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(10_000, 10, 10)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_run(scenario, target, url, live, seed))
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -208,17 +219,21 @@ async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, 
 async def _tick(swarm: Swarm, recorder: Recorder, state: RunState, live: Live | None) -> None:
     """Once a second: fold buffers into histograms, sample client CPU, refresh the live view."""
     last_wall, last_cpu = time.perf_counter(), time.process_time()
+    last_live = 0.0
     while True:
-        await asyncio.sleep(0.5)
+        # Fold buffers often: at 4,000 streams/s a once-a-second fold of ~250k gaps stalled the loop
+        # for 20-40 ms (profiled), which every arrival in that window paid as latency.
+        await asyncio.sleep(0.1)
+        recorder.flush()
         now_wall, now_cpu = time.perf_counter(), time.process_time()
         if now_wall - last_wall >= 1.0:
             state.cpu_by_second.append((now_cpu - last_cpu) / (now_wall - last_wall))
             last_wall, last_cpu = now_wall, now_cpu
-            recorder.flush()
             if _target_gone(recorder):
                 state.stop_reason = f"the target stopped accepting connections ({UNREACHABLE_S} s without one)"
                 swarm.stop()
-        if live is not None:
+        if live is not None and now_wall - last_live >= 0.5:
+            last_live = now_wall
             live(swarm, recorder, state)
 
 

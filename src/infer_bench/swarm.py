@@ -45,6 +45,7 @@ class ClassRuntime:
     key: TagKey
     new_client: Callable[[], Client]
     lanes: int  # requests one VU keeps in flight (WebSocket in_flight), else 1
+    uses_prompts: bool  # plain HTTP sends a fixed body
     prompts: Iterator[str]
     rng: random.Random
 
@@ -151,7 +152,8 @@ class ScenarioRun:
         rng = random.Random(seed)
         prompt_rng = random.Random(f"{cls.prompts.seed}:{seed}")  # the prompts' own seed, and the run's
         new_client = client_maker(cls, self.swarm.target, self.clock)
-        return ClassRuntime(cls, tag_key(**tags), new_client, lanes(cls), prompts(cls.prompts, prompt_rng), rng)
+        stream = prompts(cls.prompts, prompt_rng)
+        return ClassRuntime(cls, tag_key(**tags), new_client, lanes(cls), cls.protocol != "http", stream, rng)
 
     def class_for_vu(self, index: int) -> ClassRuntime:
         """Deterministic weighted assignment by smooth weighted round-robin (nginx's): every prefix of
@@ -175,7 +177,7 @@ class ScenarioRun:
     async def iterate(self, client: Client, runtime: ClassRuntime, intended_ns: int) -> None:
         measured = intended_ns >= self.measure_from_ns
         tl = self.recorder.timeline(runtime.key, intended_ns, measured)
-        prompt = next(runtime.prompts)
+        prompt = next(runtime.prompts) if runtime.uses_prompts else ""
         spec = runtime.spec
         self.recorder.started(self.clock(), intended_ns)
         self.progress.in_flight += 1
@@ -265,7 +267,10 @@ class ScenarioRun:
                     sends = [c for c in clients if _take(budget_left) and _take(shared)]
                     if not sends:
                         return
-                    await asyncio.gather(*(self.iterate(c, runtime, started) for c in sends))
+                    if len(sends) == 1:  # the usual case: no Task per request
+                        await self.iterate(sends[0], runtime, started)
+                    else:
+                        await asyncio.gather(*(self.iterate(c, runtime, started) for c in sends))
                     pause = behavior.burst_every - (self.clock() - started) / NS if burst > 1 else 0.0
                     pause = max(pause, runtime.think_s())
                     if pause > 0:

@@ -31,7 +31,8 @@ METRICS: dict[str, str] = {
     "schedule_lag": "how late the client sent each request against its schedule (µs)",
 }
 
-COUNT_METRICS = {"output_tokens": 1}  # recorded as they are; every other metric is a duration in ns
+COUNT_METRICS = {"output_tokens": 1}  # counts, not durations
+_DIVISORS = {"output_tokens": 1, "itl": 1}  # already in their unit; every other buffer holds ns
 
 TagKey = tuple[tuple[str, str], ...]  # sorted (name, value) pairs, e.g. scenario, class, protocol
 
@@ -50,7 +51,7 @@ class MetricSet:
     def __init__(self) -> None:
         self.histograms = {name: new_histogram() for name in METRICS}
         self._pending: dict[str, list[int]] = {name: [] for name in METRICS}
-        self.itl_buffer = self._pending["itl"]  # clients append gaps (ns) here directly
+        self.itl_buffer = self._pending["itl"]  # clients append gaps (µs) here directly
         self.outcomes: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
         self.tokens = 0
@@ -85,8 +86,9 @@ class MetricSet:
             if not values:
                 continue
             hist = self.histograms[name]
-            unit = COUNT_METRICS.get(name, 1000)
-            for value, count in Counter(v // unit for v in values).items():
+            divisor = _DIVISORS.get(name, 1000)
+            counted = Counter(values) if divisor == 1 else Counter(v // divisor for v in values)
+            for value, count in counted.items():
                 hist.record_value(min(max(value, 1), HIGHEST_US), count)
             values.clear()
 

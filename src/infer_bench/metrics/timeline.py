@@ -48,7 +48,7 @@ class Timeline:
         self.outcome: Outcome | None = None
         self.error: str | None = None
         self.reconnects = 0
-        self.gaps = gaps  # where inter-token gaps go: the recorder's buffer, or a discard list in warmup
+        self.gaps = gaps  # where inter-token gaps (µs) go: the recorder's buffer, or a discard list in warmup
 
     def on_tokens(self, now: int, count: int = 1) -> None:
         """``count`` tokens arrived at ``now`` in one event."""
@@ -57,7 +57,7 @@ class Timeline:
         if self.first_token_ns == 0:
             self.first_token_ns = now
         else:
-            self.gaps.append(now - self.last_token_ns)
+            self.gaps.append((now - self.last_token_ns) // 1000)  # µs: the recorder counts them as they are
         if count > 1:
             self.gaps.extend([0] * (count - 1))
         self.last_token_ns = now
