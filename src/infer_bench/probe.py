@@ -2,20 +2,23 @@
 
 A quick check that a target is up and speaks the protocol, before a load test. One request measures
 nothing statistically; ``infer-bench run`` is for that. The stream is read with httpx, which is fine for
-one request (MEASUREMENTS.md: httpx is only a problem under concurrency).
+one request (MEASUREMENTS.md: httpx is only a problem under concurrency); the bytes are decoded by ``wire``.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 import orjson
 
 from infer_bench.errors import RunAborted, TargetUnreachable, UsageError
+from infer_bench.wire import ProtocolError
+from infer_bench.wire.openai import parse_openai_data
+from infer_bench.wire.sse import SSEDecoder, SSEEvent
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -29,20 +32,6 @@ class ProbeResult:
     e2e_s: float = 0.0
     gaps_s: list[float] = field(default_factory=list)
     finish: str = ""
-
-
-def _sse_data(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs from SSE lines; enough for a probe (the load generator has a full decoder)."""
-    event, data = "message", list[str]()
-    for line in lines:
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", list[str]()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif line.startswith("event:"):
-            event = line[6:].strip()
 
 
 def probe(
@@ -75,18 +64,20 @@ def probe(
                 if r.status_code >= 400:
                     r.read()
                     raise RunAborted(f"{url} answered {r.status_code}: {r.text[:300]}")
-                for event, data in _sse_data(r.iter_lines()):
-                    text = _token_text(protocol, event, data, result)
-                    if not text:
-                        continue
+                decoder = SSEDecoder()
+                for chunk in r.iter_bytes():
                     now = time.perf_counter()
-                    if result.ttft_s is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.gaps_s.append(now - last)
-                    last = now
-                    result.tokens.append(text)
-                    on_token(text)
+                    for event in decoder.feed(chunk):
+                        text = _token_text(protocol, event, result)
+                        if not text:
+                            continue
+                        if result.ttft_s is None:
+                            result.ttft_s = now - start
+                        else:
+                            result.gaps_s.append(now - last)
+                        last = now
+                        result.tokens.append(text)
+                        on_token(text)
     except httpx.ConnectError as exc:
         raise TargetUnreachable(f"cannot connect to {url}: {exc}") from None
     except httpx.HTTPError as exc:
@@ -95,21 +86,23 @@ def probe(
     return result
 
 
-def _token_text(protocol: str, event: str, data: str, result: ProbeResult) -> str:
-    if protocol == "sse":
-        if event == "token":
-            return str(orjson.loads(data)["token"])
-        if event in ("done", "error"):
-            payload = orjson.loads(data)
-            result.finish = str(payload.get("finish_reason") or payload.get("error"))
-        return ""
-    if data == "[DONE]":
-        return ""
-    chunk = orjson.loads(data)
-    for choice in chunk.get("choices") or []:
-        if choice.get("finish_reason"):
-            result.finish = str(choice["finish_reason"])
-        content = (choice.get("delta") or {}).get("content")
-        if content:
-            return str(content)
-    return ""
+def _token_text(protocol: str, event: SSEEvent, result: ProbeResult) -> str:
+    """The token an event carries ("" for none); records how the stream finished on ``result``.
+
+    Raises:
+        RunAborted: the target broke the protocol.
+    """
+    try:
+        if protocol == "sse":
+            if event.event == "token":
+                return str(orjson.loads(event.data)["token"])
+            if event.event in ("done", "error"):
+                payload = orjson.loads(event.data)
+                result.finish = str(payload.get("finish_reason") or payload.get("error"))
+            return ""
+        delta = parse_openai_data(event.data)
+    except (orjson.JSONDecodeError, KeyError, TypeError, ProtocolError) as exc:
+        raise RunAborted(f"{result.url}: not the expected stream: {exc}") from None
+    if delta.finish_reason or delta.error:
+        result.finish = str(delta.finish_reason or delta.error)
+    return delta.text
