@@ -74,7 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,7 @@ from predict_throughput import (
     HOST,
     BenchmarkError,
     WrkResult,
+    align,
     cpu_seconds,
     free_port,
     idle_shares,
@@ -506,18 +507,6 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def format_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], text_columns: set[int]) -> str:
-    table = [header, *rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(
-            cell.ljust(width) if i in text_columns else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in table
-    )
-
-
 def _median(values: Iterator[float] | list[float]) -> float:
     return statistics.median(list(values))
 
@@ -541,7 +530,7 @@ def http_section(m: Measurements) -> tuple[str, bool]:
          " ".join(f"{r.requests_per_s:,.0f}" for r in m.http)),
     ]  # fmt: skip
     header = ("client", "req/s", "x wrk", "client CPU", "nginx CPU", "other CPU 0/1", "runs (req/s)")
-    text = format_table(header, rows, {0, 6})
+    text = align(header, rows, {0, 6})
     text += f"\ngoal: infer-bench >= {GOAL_HTTP_RATIO}x wrk, no errors: {verdict(passed)}"
     return text, passed
 
@@ -562,7 +551,7 @@ def ceiling_section(m: Measurements) -> tuple[str, bool]:
     if m.websocket:
         rows.append(_ceiling_row(f"WebSocket, {STREAM_VUS} VUs", m.websocket))
     header = ("closed loop", "streams/s", "tokens/s", "client CPU", "server CPU", "other CPU 0/1", "failed", "runs")
-    text = format_table(header, rows, {0, 7})
+    text = align(header, rows, {0, 7})
     text += f"\ngoal: SSE >= {GOAL_STREAMS_PER_S:,.0f} streams/s per process: {verdict(passed)}"
     if m.websocket:
         text += " (WebSocket: no goal yet, shown for reference)"
@@ -601,7 +590,7 @@ def ttft_section(m: Measurements) -> tuple[str, bool]:
     )  # fmt: skip
     goal_label = next(label for label, rate in m.rates.items() if rate == GOAL_STREAMS_PER_S)
     passed = verdicts[goal_label]
-    text = format_table(header, rows, {0})
+    text = align(header, rows, {0})
     text += (
         f"\ngoal: TTFT error p99 <= {GOAL_TTFT_ERROR_P99_MS:g} ms at {GOAL_STREAMS_PER_S:,.0f} streams/s, nothing "
         f"dropped or failed: {verdict(passed)} (the other loads are shown for the client's accurate range)"

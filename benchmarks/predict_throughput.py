@@ -62,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -416,9 +416,13 @@ def format_table(rows: list[Row], bare: Row) -> str:
         "config", "req/s", "p99 ms", "x bare", "CPU us/req", "x bare (CPU)", "server CPU",
         ">=10k req/s", ">=0.65x bare", "errors", "runs (req/s)",
     )  # fmt: skip
-    table = [header, *(table_line(row, bare) for row in rows)]
+    return align(header, [table_line(row, bare) for row in rows], {0, len(header) - 1})
+
+
+def align(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], text_columns: set[int]) -> str:
+    """A plain-text table: text columns flush left, figures flush right."""
+    table = [header, *rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    text_columns = {0, len(header) - 1}
     return "\n".join(
         "  ".join(
             cell.ljust(width) if i in text_columns else cell.rjust(width)

@@ -79,23 +79,15 @@ def best_rate(run: Callable[[], int], repeat: int) -> float:
 
 
 def bench_sse(stream: bytes, read_size: int, streams: int, repeat: int) -> float:
-    chunks = reads(stream, read_size)
-
-    def run() -> int:
-        count = 0
-        for _ in range(streams):
-            decoder = SSEDecoder()
-            for chunk in chunks:
-                count += len(decoder.feed(chunk))
-        return count
-
-    return best_rate(run, repeat)
+    return _bench_sse_reads(reads(stream, read_size), streams, repeat)
 
 
 def bench_sse_per_event(stream: bytes, streams: int, repeat: int) -> float:
     """Each event its own read: what a client sees when tokens trickle in one at a time."""
-    chunks = [event + b"\n\n" for event in stream.split(b"\n\n")[:-1]]
+    return _bench_sse_reads([event + b"\n\n" for event in stream.split(b"\n\n")[:-1]], streams, repeat)
 
+
+def _bench_sse_reads(chunks: list[bytes], streams: int, repeat: int) -> float:
     def run() -> int:
         count = 0
         for _ in range(streams):
