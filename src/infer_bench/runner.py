@@ -49,7 +49,6 @@ class RunState:
     start_ns: int = 0
     cpu_by_second: list[float] = field(default_factory=list)
     stop_reason: str | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 Live = Callable[[Swarm, Recorder, RunState], None]
@@ -211,7 +210,7 @@ async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, 
         rates=_open_rates(scenario, swarm),
     )
     result["headline"]["interrupted"] = sum(p.interrupted for p in swarm.progress.values())
-    result["warnings"] = state.warnings + _cpu_warnings(state) + _lag_warnings(recorder)
+    result["warnings"] = _cpu_warnings(state) + _lag_warnings(recorder)
     result["client"] = {"cpu_by_second": [round(c, 3) for c in state.cpu_by_second], "pid": os.getpid()}
     return result
 

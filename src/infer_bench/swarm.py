@@ -94,6 +94,9 @@ class Swarm:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
     async def run(self, scenarios: dict[str, ScenarioSpec], seed: int = 0) -> None:
         start = self.clock()
         runs = [ScenarioRun(self, spec, start, seed + i) for i, spec in enumerate(scenarios.values())]
@@ -347,7 +350,7 @@ class ScenarioRun:
 
     async def _wait_tasks_until(self, deadline: int) -> None:
         """Until every spawned iteration ended, ``deadline`` passed, or a stop request."""
-        stop_waiter = asyncio.ensure_future(self.swarm._stop.wait())
+        stop_waiter = asyncio.ensure_future(self.swarm.wait_stopped())
         try:
             while self._tasks and not self.swarm.stopped:
                 left_s = (deadline - self.clock()) / NS
