@@ -12,7 +12,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from infer_bench.errors import ConfigError, InferBenchError, RunAborted, UsageError
+from infer_bench.errors import ConfigError, InferBenchError, RunAborted, ThresholdsFailed, UsageError
 
 app = typer.Typer(
     name="infer-bench",
@@ -135,6 +135,9 @@ def run(
     seed: Annotated[int, typer.Option(help="Seed for prompts, class picks and behaviours")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress")] = False,
     insecure: Annotated[bool, typer.Option("--insecure", help="Accept any TLS certificate (self-signed)")] = False,
+    no_thresholds: Annotated[
+        bool, typer.Option("--no-thresholds", help="Neither check the scenario's thresholds nor abort on them")
+    ] = False,
 ) -> None:
     """Run a scenario: drive the client swarm, show live progress, print a summary, write a result file."""
     from datetime import datetime
@@ -152,11 +155,16 @@ def run(
         out = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
     console = Console(stderr=True)
     with LiveView(console) if not quiet else _nothing() as live:
-        result, code = run_scenario(spec, out=out, live=live, seed=seed, verify_tls=not insecure)
+        result, code = run_scenario(
+            spec, out=out, live=live, seed=seed, verify_tls=not insecure, check_thresholds=not no_thresholds
+        )
     print_summary(result, Console() if sys.stdout.isatty() else Console(width=140))  # logs: room for tables
     Console(stderr=True).print(f"[dim]result written to {out}[/]")
-    if code:
+    if code == 3:
         raise RunAborted(f"the run stopped early ({result['stop_reason']}); the partial result is in {out}")
+    if code == 1:
+        failed = [f"{t['metric']} {t['expression']}" for t in result["thresholds"] if not t["ok"]]
+        raise ThresholdsFailed(f"{len(failed)} threshold(s) failed: {'; '.join(failed)}")
 
 
 class _nothing:

@@ -1,18 +1,24 @@
 """The result file: a versioned JSON document with lossless histograms.
 
-Shape (``schema: infer-bench.result``, ``version: 1``)::
+Shape (``schema: infer-bench.result``, ``version: 2``)::
 
-    {schema, version, started_at, duration_s, status: complete|interrupted, stop_reason,
-     scenario: {source, target, scenarios: {...}}, environment: {...},
+    {schema, version, started_at, duration_s, status: complete|interrupted|aborted, stop_reason,
+     scenario: {source, target, reference, scenarios: {...}, thresholds: {...}, gates?: {...}},
+     environment: {infer_bench, python, platform, machine, cpu, cpu_count, argv, git_revision},
      headline: {requests, succeeded, completion_rate, disconnect_rate, error_rate, dropped,
                 request_rate, token_rate, requested_rate?, achieved_rate?},
      groups: [{tags, requests, outcomes, statuses, tokens, dropped,
                summary: {metric: {count, min, mean, p50, p90, p95, p99, p999, max}},
                histograms: {metric: <HdrHistogram V2 compressed base64>}}],
      series: [{t, started, succeeded, failed, tokens, dropped, ttft_p50_ms, ttft_p99_ms}],
+     intervals: {metrics, windows: [{start_s, end_s, histograms: {metric: <base64>}}]},
+     thresholds: [{metric, expression, ok, value, unit, abort_on_fail, aborted}] (absent: none checked),
      errors: [ ... up to 100 samples ... ]}
 
 Durations in ``summary`` are milliseconds; histograms hold microseconds (``output_tokens``: counts).
+
+Version 2 added ``intervals``, ``thresholds``, status ``aborted`` and the scenario's thresholds and
+gates; ``load_result`` reads version 1 files too (they lack what version 2 added, and reports say so).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from infer_bench.metrics.recorder import COUNT_METRICS, METRICS, MetricSet, Reco
 from infer_bench.metrics.timeline import SUCCESSES, Outcome
 
 SCHEMA = "infer-bench.result"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p999": 99.9}
 
 
@@ -83,6 +90,7 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
+        "machine": platform.machine(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "argv": redact_argv(argv if argv is not None else sys.argv),
@@ -191,3 +199,29 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
     tmp.replace(path)
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """A result file written by ``infer-bench run`` (schema version 1 or 2).
+
+    Raises:
+        UsageError: the file is missing, not JSON, not a result, or from a newer infer-bench.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such result file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the result file ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not a result file (not JSON: {exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise UsageError(f"{path}: not an infer-bench result file (no schema: {SCHEMA})")
+    version = data.get("version")
+    if version not in READABLE_VERSIONS:
+        raise UsageError(
+            f"{path}: result schema version {version!r}; this infer-bench {__version__} reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade infer-bench to read it)"
+        )
+    data.setdefault("source_path", str(path))
+    return data

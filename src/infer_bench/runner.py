@@ -2,7 +2,8 @@
 
 The reference server (``target: reference``) runs as a subprocess so it has its own interpreter and
 core; the load generator never shares a GIL with the server it measures. Ctrl-C or SIGTERM stop the
-swarm at once and the partial result is still written (status ``interrupted``, exit code 3).
+swarm at once and the partial result is still written (status ``interrupted``, exit code 3). A failing
+``abort_on_fail`` threshold stops it the same way (status ``aborted``, exit code 1).
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ import yaml
 
 from infer_bench.clients.requests import Target
 from infer_bench.errors import RunAborted, ScenarioError, TargetUnreachable
+from infer_bench.intervals import IntervalLog
+from infer_bench.measures import Measures
 from infer_bench.metrics.recorder import Recorder
 from infer_bench.plan import expected_arrivals
 from infer_bench.result import build_result, check_writable, write_result
 from infer_bench.scenario import ConstantArrivalRate, RampingArrivalRate, Scenario
+from infer_bench.scenario.thresholds import Threshold
 from infer_bench.swarm import Swarm
+from infer_bench.thresholds import evaluate, first_abort
 
 CPU_WARNING = 0.70
 LAG_WARNING_MS = 10.0  # a send this late against its schedule means the client cannot keep up
@@ -49,6 +54,10 @@ class RunState:
     start_ns: int = 0
     cpu_by_second: list[float] = field(default_factory=list)
     stop_reason: str | None = None
+    thresholds: tuple[Threshold, ...] = ()
+    """Thresholds checked at the end; those with ``abort_on_fail`` also every second."""
+    aborted_by: Threshold | None = None
+    intervals: IntervalLog = field(default_factory=IntervalLog)
 
 
 Live = Callable[[Swarm, Recorder, RunState], None]
@@ -127,9 +136,19 @@ def check_reference_settings(scenario: Scenario) -> None:
 
 
 def run_scenario(
-    scenario: Scenario, *, out: Path | None, live: Live | None = None, seed: int = 0, verify_tls: bool = True
+    scenario: Scenario,
+    *,
+    out: Path | None,
+    live: Live | None = None,
+    seed: int = 0,
+    verify_tls: bool = True,
+    check_thresholds: bool = True,
 ) -> tuple[dict[str, Any], int]:
-    """Run ``scenario``; return the result and the exit code (0, or 3 when interrupted)."""
+    """Run ``scenario``; return the result and the exit code.
+
+    The code is 0, 1 when a threshold failed (or aborted the run), or 3 when the run was interrupted.
+    With ``check_thresholds`` false, thresholds are neither checked nor able to abort the run.
+    """
     check_reference_settings(scenario)
     if out is not None:
         check_writable(out)
@@ -139,13 +158,24 @@ def run_scenario(
             url = stack.enter_context(reference_server(scenario.reference))
         target = Target.from_url(url, verify_tls=verify_tls)
         check_reachable(target)
-        result = _run_loop(scenario, target, url, live, seed)
+        result = _run_loop(scenario, target, url, live, seed, check_thresholds)
     if out is not None:
         write_result(out, result)
-    return result, (3 if result["status"] != "complete" else 0)
+    return result, exit_code(result)
 
 
-def _run_loop(scenario: Scenario, target: Target, url: str, live: Live | None, seed: int) -> dict[str, Any]:
+def exit_code(result: dict[str, Any]) -> int:
+    """3 for an interrupted run, 1 for a failed threshold (an aborted run included), else 0."""
+    if result["status"] == "interrupted":
+        return 3
+    if any(not t["ok"] for t in result.get("thresholds") or ()):
+        return 1
+    return 0
+
+
+def _run_loop(
+    scenario: Scenario, target: Target, url: str, live: Live | None, seed: int, check_thresholds: bool
+) -> dict[str, Any]:
     loop_factory = _loop_factory()
     # Objects made before the run never die during it: freeze them out of the collector's scans, and
     # collect the young generation less often (profiled: 16 ms full collections at 4,000 streams/s).
@@ -155,7 +185,7 @@ def _run_loop(scenario: Scenario, target: Target, url: str, live: Live | None, s
     gc.set_threshold(10_000, 10, 10)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_run(scenario, target, url, live, seed))
+            return runner.run(_run(scenario, target, url, live, seed, check_thresholds))
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
@@ -170,8 +200,14 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, seed: int) -> dict[str, Any]:
-    state = RunState(started_wall=datetime.now(UTC).isoformat(timespec="seconds"), start_ns=time.perf_counter_ns())
+async def _run(
+    scenario: Scenario, target: Target, url: str, live: Live | None, seed: int, check_thresholds: bool
+) -> dict[str, Any]:
+    state = RunState(
+        started_wall=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        start_ns=time.perf_counter_ns(),
+        thresholds=scenario.thresholds if check_thresholds else (),
+    )
     recorder = Recorder(state.start_ns)
     swarm = Swarm(target, recorder)
     loop = asyncio.get_running_loop()
@@ -200,15 +236,22 @@ async def _run(scenario: Scenario, target: Target, url: str, live: Live | None, 
         traceback.print_exception(swarm.failure, file=sys.stderr)
     if live is not None:
         live(swarm, recorder, state)
+    recorder.flush()
+    state.intervals.take(duration_s, recorder)
+    status = "aborted" if state.aborted_by else "interrupted" if state.stop_reason else "complete"
     result = build_result(
         recorder,
-        scenario={"source": scenario.source, "target": url, "scenarios": _describe(scenario)},
+        scenario=describe_scenario(scenario, url),
         started_at=state.started_wall,
         duration_s=duration_s,
-        status="interrupted" if state.stop_reason else "complete",
+        status=status,
         stop_reason=state.stop_reason,
         rates=_open_rates(scenario, swarm),
     )
+    result["intervals"] = state.intervals.to_json()
+    if state.thresholds:
+        measures = Measures.from_recorder(recorder, duration_s)
+        result["thresholds"] = [r.to_json() for r in evaluate(state.thresholds, measures, state.aborted_by)]
     result["headline"]["interrupted"] = sum(p.interrupted for p in swarm.progress.values())
     result["warnings"] = _cpu_warnings(state) + _lag_warnings(recorder)
     result["client"] = {"cpu_by_second": [round(c, 3) for c in state.cpu_by_second], "pid": os.getpid()}
@@ -228,12 +271,32 @@ async def _tick(swarm: Swarm, recorder: Recorder, state: RunState, live: Live | 
         if now_wall - last_wall >= 1.0:
             state.cpu_by_second.append((now_cpu - last_cpu) / (now_wall - last_wall))
             last_wall, last_cpu = now_wall, now_cpu
-            if _target_gone(recorder):
+            elapsed_s = (time.perf_counter_ns() - state.start_ns) / 1e9
+            state.intervals.take(elapsed_s, recorder)
+            _check_aborts(swarm, recorder, state, elapsed_s)
+            if state.stop_reason is None and _target_gone(recorder):
                 state.stop_reason = f"the target stopped accepting connections ({UNREACHABLE_S} s without one)"
                 swarm.stop()
         if live is not None and now_wall - last_live >= 0.5:
             last_live = now_wall
             live(swarm, recorder, state)
+
+
+def _check_aborts(swarm: Swarm, recorder: Recorder, state: RunState, elapsed_s: float) -> None:
+    """Stop the run when an ``abort_on_fail`` threshold fails on the figures so far (k6's behaviour)."""
+    watched = [t for t in state.thresholds if t.abort_on_fail]
+    if not watched or state.stop_reason is not None:
+        return
+    failed = first_abort(watched, Measures.from_recorder(recorder, elapsed_s), elapsed_s)
+    if failed is not None:
+        from infer_bench.thresholds import format_value
+
+        state.aborted_by = failed.threshold
+        state.stop_reason = (
+            f"threshold {failed.threshold.label} failed at {format_value(failed.value, failed.threshold.unit)} "
+            "(abort_on_fail)"
+        )
+        swarm.stop()
 
 
 def _target_gone(recorder: Recorder) -> bool:
@@ -276,6 +339,29 @@ def _open_rates(scenario: Scenario, swarm: Swarm) -> dict[str, float]:
     if duration == 0:
         return {}
     return {"requested_rate": round(requested / duration, 3), "achieved_rate": round(achieved / duration, 3)}
+
+
+def describe_scenario(scenario: Scenario, url: str) -> dict[str, Any]:
+    """The ``scenario`` section of the result: what ran, where, and what it was to be judged by."""
+    thresholds: dict[str, list[Any]] = {}
+    for t in scenario.thresholds:
+        entry: Any = t.expression
+        if t.abort_on_fail:
+            entry = {"threshold": t.expression, "abort_on_fail": True, "delay_abort_eval": t.delay_abort_eval_s}
+        thresholds.setdefault(t.key, []).append(entry)
+    described: dict[str, Any] = {
+        "source": scenario.source,
+        "target": url,
+        "reference": scenario.reference,
+        "scenarios": _describe(scenario),
+        "thresholds": thresholds,
+    }
+    if scenario.gates:
+        described["gates"] = {
+            "max_regression": {rule.figure: rule.budget_text for rule in scenario.gates},
+            "confidence": scenario.gate_confidence,
+        }
+    return described
 
 
 def _describe(scenario: Scenario) -> dict[str, Any]:

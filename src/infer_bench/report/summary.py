@@ -1,4 +1,4 @@
-"""The end-of-run summary: headline figures, a latency table per metric, and the outcomes."""
+"""The end-of-run summary: thresholds (✓/✗), headline figures, a latency table per metric, the outcomes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
+
+from infer_bench.thresholds import format_value, stored_results
 
 ORDER = ("ttft", "ttft_sent", "itl", "tpot", "e2e", "e2e_sent", "headers", "output_tokens", "schedule_lag")
 LABELS = {
@@ -37,7 +39,7 @@ def render_summary(result: dict[str, Any]) -> Group:
     title = Text.assemble(
         ("infer-bench ", "bold"), (scenario.get("source", ""), "cyan"), " → ", scenario.get("target", ""),
         f" · {result['duration_s']:.1f} s · ",
-        (status, "green" if status == "complete" else "bold yellow"),
+        (status, {"complete": "green", "aborted": "bold red"}.get(status, "bold yellow")),
         (f" ({result['stop_reason']})" if result.get("stop_reason") else "", "yellow"),
     )  # fmt: skip
     figures = Text.assemble(
@@ -49,7 +51,7 @@ def render_summary(result: dict[str, Any]) -> Group:
         ("  dropped ", "dim"), (f"{head['dropped']:,}", "bold red" if head["dropped"] else ""),
         ("  tokens ", "dim"), f"{head['tokens']:,} ", (f"({head['token_rate']:,.0f}/s)", "dim"),
     )  # fmt: skip
-    parts: list[Any] = [title, figures]
+    parts: list[Any] = [*render_thresholds(result), title, figures]
     if "requested_rate" in head:
         parts.append(Text.assemble(
             ("open model: requested ", "dim"), f"{head['requested_rate']:,.1f}/s",
@@ -79,6 +81,30 @@ def render_summary(result: dict[str, Any]) -> Group:
     for warning in result.get("warnings", []):
         parts.append(Text(f"⚠ {warning}", style="bold yellow"))
     return Group(*parts)
+
+
+def render_thresholds(result: dict[str, Any]) -> list[Text]:
+    """One ✓/✗ line per threshold, failures in red; nothing when the run checked none."""
+    results = stored_results(result)
+    if results is None:
+        return []
+    failed = sum(not r.ok for r in results)
+    head = Text.assemble(
+        ("thresholds: ", "bold"),
+        (f"{len(results) - failed} passed", "green"),
+        ", ",
+        (f"{failed} failed", "bold red" if failed else "green"),
+    )
+    lines = [head]
+    for r in results:
+        mark = Text("✓ ", style="green") if r.ok else Text("✗ ", style="bold red")
+        note = " · aborted the run" if r.aborted else ""
+        lines.append(
+            Text.assemble(
+                "  ", mark, (r.metric, "bold"), f" {r.expression}", (f"  {format_value(r.value, r.unit)}{note}", "dim")
+            )
+        )
+    return lines
 
 
 def _groups_table(groups: list[dict[str, Any]]) -> Table:

@@ -264,6 +264,58 @@ SCENARIO_ENTRY_TYPES = (
 )
 
 
+_THRESHOLD_ALIASES = {"abortOnFail": "abort_on_fail", "delayAbortEval": "delay_abort_eval"}
+
+
+class ThresholdEntry(SpecModel):
+    """A threshold with options; a plain string is ``{threshold: …}`` with the defaults."""
+
+    threshold: str
+    """The condition, e.g. ``rate<0.01`` or ``p(95)<500ms``."""
+    abort_on_fail: Flag = False
+    """Stop the run as soon as the threshold fails (checked every second)."""
+    delay_abort_eval: Duration = 0.0
+    """Do not abort before this long after the start of the run: early figures are few and noisy."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _k6_spellings(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"threshold": data}
+        if isinstance(data, dict):
+            return {_THRESHOLD_ALIASES.get(key, key): value for key, value in data.items()}
+        return data
+
+
+_THRESHOLD_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "description": "a condition such as p(95)<500ms, rate<0.01, count<1"},
+        {
+            "type": "object",
+            "properties": {
+                "threshold": {"type": "string"},
+                "abort_on_fail": {"type": "boolean"},
+                "abortOnFail": {"type": "boolean"},
+                "delay_abort_eval": DURATION_JSON_SCHEMA,
+                "delayAbortEval": DURATION_JSON_SCHEMA,
+            },
+            "required": ["threshold"],
+            "additionalProperties": False,
+        },
+    ]
+}
+ThresholdItem = Annotated[ThresholdEntry, WithJsonSchema(_THRESHOLD_SCHEMA)]
+
+
+class GatesEntry(SpecModel):
+    """Regression budgets that ``infer-bench gate`` applies when no ``--max-regression`` is given."""
+
+    max_regression: dict[str, str] = Field(min_length=1)
+    """Figure → budget, e.g. ``{ttft.p99: 10%, throughput: -5%}``."""
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    """Confidence of the interval a change must leave before it counts as more than noise."""
+
+
 class ScenarioFile(SpecModel):
     """A scenario file: where load goes, and the named scenarios that make it."""
 
@@ -274,6 +326,9 @@ class ScenarioFile(SpecModel):
     defaults: ClassDefaults | None = None
     scenarios: dict[Name, ScenarioEntry] = Field(min_length=1)
     """Named scenarios; they run at the same time, each from its start_time."""
+    thresholds: dict[str, list[ThresholdItem]] = Field(default_factory=dict)
+    """k6 thresholds: metric (or metric{tag:value}) → conditions, e.g. ttft: ["p(95)<500ms"]."""
+    gates: GatesEntry | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ScenarioFile:

@@ -18,11 +18,24 @@ from infer_bench.scenario.base import KeyPath, show
 from infer_bench.scenario.diagnostics import InvalidScenario, Locator, Problem, problems_from
 from infer_bench.scenario.document import read_document
 from infer_bench.scenario.executors import EXECUTOR_FIELDS, executor_spec
-from infer_bench.scenario.fileformat import ClassEntry, PromptsEntry, ScenarioFile, SyntheticPrompts
+from infer_bench.scenario.fileformat import (
+    ClassEntry,
+    PromptsEntry,
+    ScenarioFile,
+    SyntheticPrompts,
+)
+from infer_bench.scenario.gates import GateRule, GateSyntaxError, parse_gate
 from infer_bench.scenario.layout import arrange
 from infer_bench.scenario.prompts import PromptFileError, read_prompts
 from infer_bench.scenario.spec import Behavior, PromptSource, Scenario, ScenarioSpec, UserClass
 from infer_bench.scenario.templates import PROTOCOLS
+from infer_bench.scenario.thresholds import (
+    TAG_NAMES_BUILT_IN,
+    Threshold,
+    ThresholdSyntaxError,
+    parse_key,
+    parse_threshold,
+)
 from infer_bench.scenario.variables import substitute
 
 _T = TypeVar("_T")
@@ -122,13 +135,48 @@ class _Builder:
             )
             if spec is not None:
                 specs[name] = spec
+        thresholds = self._thresholds(file, specs)
+        gates = self._gates(file)
         if not self.problems:
             reference = file.reference or {}
-            make = partial(Scenario, target=file.target, reference=reference, scenarios=specs, source=self.source)
+            make = partial(
+                Scenario, target=file.target, reference=reference, scenarios=specs, source=self.source,
+                thresholds=thresholds, gates=gates, gate_confidence=file.gates.confidence if file.gates else 0.95,
+            )  # fmt: skip
             scenario = self._attempt((), make)
             if scenario is not None:
                 return scenario
         raise InvalidScenario(self.problems)
+
+    def _thresholds(self, file: ScenarioFile, specs: dict[str, ScenarioSpec]) -> tuple[Threshold, ...]:
+        # A threshold on a metric, tag or scenario that cannot exist is found now, not after the run.
+        parsed: list[Threshold] = []
+        for key, entries in file.thresholds.items():
+            try:
+                problem = _tag_filter_problem(parse_key(key)[1], specs)
+            except ThresholdSyntaxError as exc:
+                problem = str(exc)
+            if problem:
+                self.problems.append(Problem(("thresholds", key), problem))
+                continue
+            for index, item in enumerate(entries):
+                abort, delay = item.abort_on_fail, item.delay_abort_eval
+                try:
+                    parsed.append(parse_threshold(key, item.threshold, abort_on_fail=abort, delay_abort_eval_s=delay))
+                except ThresholdSyntaxError as exc:
+                    self.problems.append(Problem(("thresholds", key, index), str(exc)))
+        return tuple(parsed)
+
+    def _gates(self, file: ScenarioFile) -> tuple[GateRule, ...]:
+        if file.gates is None:
+            return ()
+        rules = []
+        for figure, budget in file.gates.max_regression.items():
+            try:
+                rules.append(parse_gate(figure, budget))
+            except GateSyntaxError as exc:
+                self.problems.append(Problem(("gates", "max_regression", figure), str(exc)))
+        return tuple(rules)
 
     def _user_class(self, entry: ClassEntry, index: int, path: KeyPath) -> UserClass | None:
         prompts = self._prompts(entry.prompts, (*path, "prompts"))
@@ -178,3 +226,25 @@ class _Builder:
         except ValidationError as exc:
             self.problems.extend(problems_from(exc, None, base=path))
             return None
+
+
+def _tag_filter_problem(tags: tuple[tuple[str, str], ...], specs: dict[str, ScenarioSpec]) -> str | None:
+    """What is wrong with a threshold's ``{tag:value}`` filter, if it could never match a request."""
+    scenarios = [spec for name, spec in specs.items() if dict(tags).get("scenario", name) == name]
+    for name, value in tags:
+        if name == "scenario":
+            if value not in specs:
+                return f"no scenario named {value!r}; the file has: {', '.join(specs)}"
+        elif name == "class":
+            classes = {c.name for spec in scenarios for c in spec.classes}
+            if value not in classes:
+                return f"no class named {value!r} here; expected one of: {', '.join(sorted(classes))}"
+        elif name == "protocol":
+            if value not in PROTOCOLS:
+                return f"unknown protocol {value!r}; expected one of: {', '.join(PROTOCOLS)}"
+        else:
+            custom = {tag for spec in scenarios for tag in spec.tags}
+            if name not in custom:
+                known = [*TAG_NAMES_BUILT_IN, *sorted(custom)]
+                return f"no scenario has the tag {name!r}; expected one of: {', '.join(known)}"
+    return None

@@ -5,8 +5,10 @@ Every duration is a float of seconds. Objects are frozen and check their own inv
 in code (a test, a sweep) is as valid as one loaded from a file, and one survives a JSON round trip.
 
     Scenario ─ scenarios: name ─▶ ScenarioSpec ─ executor: ExecutorSpec (constant-vus, …)
-                                               └ classes: UserClass ─ request (per protocol),
-                                                                     prompts, think_time, behavior
+             │                                 └ classes: UserClass ─ request (per protocol),
+             │                                                       prompts, think_time, behavior
+             ├ thresholds: Threshold (k6 conditions on the run's own figures)
+             └ gates: GateRule (regression budgets against a baseline run)
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from infer_bench.scenario.base import (
 )
 from infer_bench.scenario.durations import Duration, PositiveDuration, format_duration
 from infer_bench.scenario.executors import ExecutorSpec
+from infer_bench.scenario.gates import GateRule
 from infer_bench.scenario.targets import REFERENCE, Target
 from infer_bench.scenario.templates import REQUEST_TYPES, HttpRequest, OpenAIRequest, ProtocolName, Request
+from infer_bench.scenario.thresholds import Threshold
 
 SYNTHETIC_WORDS = (8, 32)
 """Default length of a synthetic prompt, in words (there is no tokenizer: a word stands for a token)."""
@@ -196,6 +200,11 @@ class Scenario(SpecModel):
     scenarios: dict[str, ScenarioSpec] = Field(min_length=1)
     source: str = "<scenario>"
     """The file the scenario came from, for messages and reports."""
+    thresholds: tuple[Threshold, ...] = ()
+    """Pass/fail conditions checked at the end of the run (and every second for ``abort_on_fail``)."""
+    gates: tuple[GateRule, ...] = ()
+    """Regression budgets against a baseline, for ``infer-bench gate``."""
+    gate_confidence: float = 0.95
 
     @model_validator(mode="after")
     def _check(self) -> Scenario:
