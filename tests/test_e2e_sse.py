@@ -1,14 +1,8 @@
-"""``POST /v1/stream`` end to end: a real uvicorn on loopback, read by httpx as bytes arrive.
-
-The event stream is parsed here with a small WHATWG-SSE block reader rather than the probe's, so a
-framing mistake in one cannot hide behind the same mistake in the other.
-"""
+"""``POST /v1/stream`` end to end: a real uvicorn on loopback, read by httpx as bytes arrive."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -17,6 +11,7 @@ import pytest
 from polling import wait_until
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
+from serverkit import SseBlock, sse_blocks, stream
 
 pytestmark = pytest.mark.slow  # real servers on loopback; still run in CI
 
@@ -24,84 +19,6 @@ StartServer = Callable[..., EmbeddedServer]
 
 ECHO = {"kind": "echo"}
 PROMPT = "tell me about continuous batching"
-
-
-@dataclass
-class SseBlock:
-    """One blank-line-terminated block of an event stream, comments included (heartbeats are comments)."""
-
-    event: str | None = None
-    id: str | None = None
-    data: list[str] = field(default_factory=list)
-    retry: int | None = None
-    comments: list[str] = field(default_factory=list)
-
-    def json(self) -> Any:
-        return json.loads("\n".join(self.data))
-
-
-def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
-    """Lines of a byte stream; WHATWG SSE ends lines with CRLF, LF or CR (we send LF)."""
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            yield line.removesuffix(b"\r").decode()
-    assert buffer == b"", f"the stream ended inside a line: {buffer!r}"
-
-
-def sse_blocks(chunks: Iterator[bytes]) -> Iterator[SseBlock]:
-    """Blocks of an event stream as they arrive; fails if the stream stops inside a block."""
-    block, touched = SseBlock(), False
-    for line in _lines(chunks):
-        if not line:
-            if touched:
-                yield block
-            block, touched = SseBlock(), False
-            continue
-        touched = True
-        if line.startswith(":"):  # WHATWG SSE: a line starting with a colon is a comment
-            block.comments.append(line[1:].removeprefix(" "))
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            block.event = value
-        elif name == "data":
-            block.data.append(value)
-        elif name == "id":
-            block.id = value
-        elif name == "retry":
-            block.retry = int(value)
-    assert not touched, "the stream ended inside an event (no blank line after it)"
-
-
-@dataclass
-class Streamed:
-    status: int
-    headers: httpx.Headers
-    blocks: list[SseBlock]
-
-    @property
-    def tokens(self) -> list[SseBlock]:
-        return [b for b in self.blocks if b.event == "token"]
-
-    @property
-    def texts(self) -> list[str]:
-        return [b.json()["token"] for b in self.tokens]
-
-    @property
-    def last(self) -> SseBlock:
-        return self.blocks[-1]
-
-
-def stream(http: httpx.Client, server: EmbeddedServer, body: dict[str, Any], **kwargs: Any) -> Streamed:
-    """POST ``body`` to /v1/stream and read the whole event stream."""
-    with http.stream("POST", server.url + "/v1/stream", json=body, **kwargs) as r:
-        assert r.status_code == 200, r.read()
-        assert r.headers["content-type"].startswith("text/event-stream")
-        return Streamed(r.status_code, r.headers, list(sse_blocks(r.iter_raw())))
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +51,7 @@ def test_sse_stream_ends_with_done_event_carrying_usage(http: httpx.Client, serv
     assert [b.event for b in got.blocks].count("done") == 1
     assert got.last.event == "done"
     assert got.last.json() == {
+        "done": True,
         "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
         "finish_reason": "length",
         "model": "tokens",

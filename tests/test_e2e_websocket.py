@@ -7,53 +7,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection
 
 from polling import wait_until
 from reference_server.serve import EmbeddedServer
+from serverkit import Message, collect, open_socket, recv, send
 
 pytestmark = pytest.mark.slow  # real servers on loopback; still run in CI
 
 StartServer = Callable[..., EmbeddedServer]
-Message = dict[str, Any]
 
 ECHO = {"kind": "echo"}
 SLOW_TOKENS = {"kind": "tokens", "base_ms": 20}
 PROMPT = "tell me about continuous batching"
-RECV_TIMEOUT_S = 10.0
-
-
-def open_socket(server: EmbeddedServer) -> ClientConnection:
-    # proxy=None: no proxy from the environment may take loopback traffic elsewhere.
-    return connect(server.url.replace("http://", "ws://") + "/ws", open_timeout=5, close_timeout=2, proxy=None)
-
-
-def send(ws: ClientConnection, message: Message) -> None:
-    ws.send(json.dumps(message))
-
-
-def recv(ws: ClientConnection) -> Message:
-    raw = ws.recv(timeout=RECV_TIMEOUT_S)
-    assert isinstance(raw, str), f"expected a text frame, got {raw!r}"
-    message: Message = json.loads(raw)
-    return message
-
-
-def collect(ws: ClientConnection, ids: set[str]) -> dict[str, list[Message]]:
-    """Every message for ``ids`` until each has its final ``done`` or ``error``; others are not expected."""
-    got: dict[str, list[Message]] = {i: [] for i in ids}
-    open_ids = set(ids)
-    while open_ids:
-        message = recv(ws)
-        assert message.get("id") in ids, f"a message for no request of ours: {message}"
-        got[message["id"]].append(message)
-        if message["type"] in ("done", "error"):
-            open_ids.discard(message["id"])
-    return got
 
 
 def assert_socket_still_serves(ws: ClientConnection) -> None:

@@ -36,7 +36,9 @@ def test_flags_override_the_file_and_the_file_overrides_defaults(tmp_path: Path)
         pytest.param("batch_size: [\n", "server.yaml: not valid YAML", id="yaml-syntax"),
         pytest.param("model: echo\n", "server.yaml: model: expected the name of a tokens model", id="wrong-default"),
         pytest.param(
-            "models:\n  - kind: echo\n  - kind: echo\n  - kind: tokens\n", "names must be unique", id="duplicate-names"
+            "models:\n  - kind: echo\n  - kind: echo\n  - kind: tokens\n",
+            "each name and version must be listed once",
+            id="duplicate-names",
         ),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,12 +13,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from reference_server.endpoints import native, openai, ops, ws
+from reference_server.admission import Admission
+from reference_server.batcher import RequestBatcher
+from reference_server.endpoints import admin, native, openai, ops, ws
 from reference_server.endpoints.common import JSONResponse, ServerState
 from reference_server.endpoints.handlers import counted, log
 from reference_server.metrics import ServerMetrics, exposition
 from reference_server.registry import ModelRegistry
+from reference_server.resume import ResumeTable
+from reference_server.scheduler import ContinuousScheduler
 from reference_server.settings import ServerSettings
+from reference_server.sweeper import StreamLimits, Sweeper
 
 
 def create_app(settings: ServerSettings | None = None) -> Starlette:
@@ -25,18 +31,17 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
     registry = ModelRegistry.from_settings(settings, metrics)
-    state = ServerState(settings, registry, metrics, render_metrics=exposition(metrics))
-    metrics.gauge_callback(
-        "queue_depth", "Requests waiting for a batch", ("model",),
-        lambda: {**{(n,): float(b.depth) for n, b in registry.batchers.items()},
-                 **{(n,): float(s.waiting) for n, s in registry.schedulers.items()}},
+    admission = Admission(
+        rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst,
+        max_streams=settings.max_streams_per_client, lease_ttl_s=settings.stream_lease_ttl_s,
+        max_clients=settings.max_clients_tracked, metrics=metrics, clock=time.monotonic,
     )  # fmt: skip
-    metrics.gauge_callback(
-        "running_sequences",
-        "Sequences in the running batch",
-        ("model",),
-        lambda: {(n,): float(s.running) for n, s in registry.schedulers.items()},
-    )
+    resumes = ResumeTable(settings.resume_ttl_s, anyio.current_time)
+    state = ServerState(settings, registry, metrics, admission, resumes, render_metrics=exposition(metrics))
+    state.needs_client = admission.limiter is not None or admission.leases is not None or registry.needs_client()
+    limits = StreamLimits(settings.first_token_timeout_s, settings.inactivity_timeout_s, settings.total_timeout_s)
+    sweeper = Sweeper(registry, admission, resumes, limits, settings.sweep_interval_s)
+    _register_gauges(state)
 
     routes = [
         Route("/predict", counted("predict", native.predict, metrics), methods=["POST"]),
@@ -56,6 +61,9 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/stats", ops.stats, methods=["GET"]),
+        Route("/admin/models", counted("admin", admin.list_models, metrics), methods=["GET"]),
+        Route("/admin/models/{name}/load", counted("admin", admin.load_model, metrics), methods=["POST"]),
+        Route("/admin/models/{name}/unload", counted("admin", admin.unload_model, metrics), methods=["POST"]),
         WebSocketRoute("/ws", ws.websocket_endpoint),
     ]
     if settings.metrics:
@@ -64,7 +72,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(registry.run)
+            await tg.start(registry.run)  # every model loaded and warmed up before readiness
+            tg.start_soon(sweeper.run)
             state.ready = True
             try:
                 yield
@@ -72,8 +81,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                 state.ready = False
                 state.draining = True
                 registry.stop_accepting()
-                for scheduler in registry.schedulers.values():
-                    scheduler.abort_all()
+                registry.abort_all()
                 tg.cancel_scope.cancel()
 
     app = Starlette(
@@ -83,6 +91,36 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     )
     app.state.server = state
     return app
+
+
+def _register_gauges(state: ServerState) -> None:
+    metrics, registry = state.metrics, state.registry
+
+    def depth() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for name, engine in registry.engines():
+            waiting = engine.depth if isinstance(engine, RequestBatcher) else engine.waiting
+            out[(name,)] = out.get((name,), 0.0) + waiting
+        return out
+
+    def running() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for name, engine in registry.engines():
+            if isinstance(engine, ContinuousScheduler):
+                out[(name,)] = out.get((name,), 0.0) + engine.running
+        return out
+
+    def versions() -> dict[tuple[str, ...], float]:
+        return {(d.spec.name, d.version, d.state.value): 1.0 for d in registry.deployments()}
+
+    def admission() -> dict[tuple[str, ...], float]:
+        return {**state.admission.gauges(), ("resumable_streams",): float(len(state.resumes))}
+
+    metrics.gauge_callback("queue_depth", "Requests waiting for a batch", ("model",), depth)
+    metrics.gauge_callback("running_sequences", "Sequences in the running batch", ("model",), running)
+    metrics.gauge_callback("model_versions", "Loaded model versions by state", ("model", "version", "state"), versions)
+    metrics.gauge_callback("admission_entries", "Held stream leases, tracked token buckets, resumable streams",
+                           ("kind",), admission)  # fmt: skip
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -101,10 +101,16 @@ class RequestBatcher:
         self._wakeup = anyio.Event()
         self._accepting = True
         self._new_waiter: WaiterFactory | None = None  # chosen on first use, inside the event loop
+        self._flushing = False
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running: safe to stop."""
+        return not self._queue and not self._flushing
 
     async def predict(self, value: Any) -> Prediction:
         """Queue one input and wait for its batch to run.
@@ -147,7 +153,11 @@ class RequestBatcher:
             now = self._clock()
             decision = self.policy.decide(len(self._queue), self._queue[0].enqueued_at, now)
             if isinstance(decision, FlushReason):
-                await self._flush(decision)
+                self._flushing = True
+                try:
+                    await self._flush(decision)
+                finally:
+                    self._flushing = False
             else:
                 self._wakeup = anyio.Event()
                 with anyio.move_on_after(decision - now):

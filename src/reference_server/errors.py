@@ -4,16 +4,23 @@
     ├── ConfigError            settings file or flags are wrong (the server does not start)
     └── RequestError           a request is refused; carries its HTTP status and a machine code
         ├── InvalidRequest       400  malformed JSON, wrong types, out-of-range values
-        ├── UnknownModel         404  the request names a model the server does not have
+        ├── Unauthorized         401  an admin route without the right bearer token
+        ├── UnknownModel         404  the request names a model (or version) the server does not have
+        ├── Conflict             409  a request id already streaming; unloading the only serving version
         ├── PayloadTooLarge      413  body over ``max_body_bytes``
         ├── UnsupportedMediaType 415  a body that is declared as something other than JSON
-        └── Overloaded           503  queue full or server draining; carries Retry-After
+        └── RetryLater                carries Retry-After: the same request may succeed later
+            ├── RateLimited      429  the client's token bucket is empty
+            ├── TooManyStreams   429  the client holds ``max_streams_per_client`` stream leases
+            └── Overloaded       503  queue full, server draining, or model loading
 
 Every ``RequestError`` turns into a JSON body ``{"error": code, "message": ..., "field": ...}``
 (OpenAI routes use OpenAI's error shape), never a 500.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class ServerError(Exception):
@@ -45,6 +52,16 @@ class InvalidRequest(RequestError):
     code = "invalid_request"
 
 
+class Unauthorized(RequestError):
+    status = 401
+    code = "unauthorized"
+
+
+class Conflict(RequestError):
+    status = 409
+    code = "conflict"
+
+
 class UnknownModel(RequestError):
     status = 404
     code = "unknown_model"
@@ -60,17 +77,42 @@ class UnsupportedMediaType(RequestError):
     code = "unsupported_media_type"
 
 
-class Overloaded(RequestError):
+class RetryLater(RequestError):
+    """A refusal that may clear by itself; HTTP answers carry ``Retry-After`` in whole seconds."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after_ms(self) -> int:
+        return max(1, math.ceil(self.retry_after_s * 1000))
+
+    def to_json(self) -> dict[str, object]:
+        body = super().to_json()
+        body["retry_after_ms"] = self.retry_after_ms
+        return body
+
+
+class RateLimited(RetryLater):
+    status = 429
+    code = "rate_limited"
+
+
+class TooManyStreams(RetryLater):
+    status = 429
+    code = "too_many_streams"
+
+
+class Overloaded(RetryLater):
     status = 503
     code = "overloaded"
 
     def __init__(self, message: str, *, reason: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
+        super().__init__(message, retry_after_s=retry_after_s)
         self.reason = reason
-        self.retry_after_s = retry_after_s
 
     def to_json(self) -> dict[str, object]:
         body = super().to_json()
         body["reason"] = self.reason
-        body["retry_after_ms"] = round(self.retry_after_s * 1000)
         return body

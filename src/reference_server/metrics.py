@@ -117,6 +117,23 @@ class ServerMetrics:
         self.rejections = counter("rejections_total", "Requests refused before running, by reason", ("reason",))
         self.tokens = counter("tokens_generated_total", "Tokens produced by generative models")
         self.sequences = counter("sequences_total", "Generation requests ended, by outcome", ("outcome",))  # fmt: skip
+        self.lease_expiries = counter("lease_expiries_total", "Stream leases reclaimed by their TTL, not released")
+        self.timeouts = counter(
+            "stream_timeouts_total", "Streams ended by a time limit", ("kind",)
+        )  # kind: first_token, inactivity, total
+        self.aborts = counter(
+            "stream_aborts_total", "Streams abandoned by their reader: generation stopped", ("transport", "cause")
+        )  # cause: disconnect, cancel
+        self.slow_warnings = counter(
+            "slow_consumer_warnings_total", "Streams warned that their send buffer is 80 % full", ("transport",)
+        )
+        self.slow_drops = counter(
+            "slow_consumer_drops_total", "Streams dropped for reading too slowly", ("transport", "cause")
+        )  # cause: buffer_full, send_timeout
+        self.resumes = counter("resumes_total", "Stream resume attempts by result", ("result",))
+        self.heartbeats = counter("heartbeats_total", "Heartbeats sent on idle streams", ("transport",))
+        self.model_loads = counter("model_loads_total", "Model version loads by result", ("model", "result"))
+        self.model_swaps = counter("model_swaps_total", "Serving version changes", ("model",))
         self.active_connections = self.gauge_family(
             "active_connections", "Open client streams and requests by transport", ("transport",)
         )

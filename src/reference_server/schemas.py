@@ -68,7 +68,40 @@ class WsPing(BaseModel):
     data: str | None = Field(None, max_length=256)
 
 
-WsMessage = Annotated[WsGenerate | WsPredict | WsCancel | WsPing, Field(discriminator="type")]
+class WsPong(BaseModel):
+    """The client's answer to the server's application-level ``ping``."""
+
+    model_config = _STRICT
+    type: Literal["pong"]
+    data: str | None = Field(None, max_length=256)
+
+
+class WsResume(BaseModel):
+    """Reattach to generation ``id`` (started on an earlier socket) after position ``last_seq``."""
+
+    model_config = _STRICT
+    type: Literal["resume"]
+    id: RequestId
+    last_seq: int = Field(-1, ge=-1)
+
+
+WsAny = WsGenerate | WsPredict | WsCancel | WsPing | WsPong | WsResume
+WsMessage = Annotated[WsAny, Field(discriminator="type")]
+WS_TYPES = ("generate", "predict", "cancel", "ping", "pong", "resume")
+
+
+# --- admin ------------------------------------------------------------------------------------------
+
+
+class AnyObject(BaseModel):
+    """Any JSON object; its fields land in ``model_extra`` (validated later, e.g. as a model spec)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class UnloadRequest(BaseModel):
+    model_config = _STRICT
+    version: str = Field(min_length=1, max_length=64)
 
 
 # --- OpenAI-compatible -----------------------------------------------------------------------------

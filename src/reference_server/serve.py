@@ -5,7 +5,10 @@ asyncio + h11 on one core, and ``websockets-sansio`` moves 1.55x the WebSocket m
 
 Shutdown: on SIGINT/SIGTERM readiness turns red and new generation requests are refused at once, while
 uvicorn stops accepting connections and lets in-flight streams finish for ``graceful_shutdown_s``; what
-is left then is ended with an in-band ``shutdown`` error rather than cut off.
+is left then is ended with an in-band ``shutdown`` error rather than cut off, and WebSockets are closed
+with 1001 (going away).
+
+SIGHUP re-reads the settings file and hot-swaps in every model version it lists that is not loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -29,9 +33,12 @@ from uvicorn.supervisors import Multiprocess
 
 from reference_server.app import create_app
 from reference_server.endpoints.common import ServerState
-from reference_server.settings import ServerSettings
+from reference_server.errors import ConfigError
+from reference_server.settings import ServerSettings, load_settings
 
 SETTINGS_ENV = "INFERBENCH_SERVER_SETTINGS"
+
+log = logging.getLogger("reference_server")
 
 Announce = Callable[[str], None]
 
@@ -57,6 +64,7 @@ def tune_gc() -> None:
 
 
 def uvicorn_config(settings: ServerSettings, app: Starlette | None = None) -> uvicorn.Config:
+    logging.getLogger("uvicorn.error").addFilter(_QUIET_DROPS)
     fast = importlib.util.find_spec("uvloop") is not None
     common: dict[str, Any] = {
         "host": settings.host,
@@ -70,6 +78,8 @@ def uvicorn_config(settings: ServerSettings, app: Starlette | None = None) -> uv
         # A hard transport cap well above the app's own limit, so an oversize message gets an in-band
         # error and the socket stays open; only a flood beyond this closes it (1009).
         "ws_max_size": max(16 << 20, 4 * settings.max_body_bytes),
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_timeout_s,
         "lifespan": "on",
         "server_header": False,
     }
@@ -104,11 +114,17 @@ class ReferenceServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        with super().capture_signals():
-            yield
-            # uvicorn re-raises the captured SIGTERM after shutting down, so the process dies by the
-            # signal (exit -15). Our shutdown drained cleanly: exit 0 instead.
-            self._captured_signals.clear()
+        reload_installed = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP")
+        previous = signal.signal(signal.SIGHUP, self.handle_reload) if reload_installed else None
+        try:
+            with super().capture_signals():
+                yield
+                # uvicorn re-raises the captured SIGTERM after shutting down, so the process dies by the
+                # signal (exit -15). Our shutdown drained cleanly: exit 0 instead.
+                self._captured_signals.clear()
+        finally:
+            if reload_installed:
+                signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         app = self.config.loaded_app if self.config.loaded else None
@@ -123,10 +139,41 @@ class ReferenceServer(uvicorn.Server):
                 self._loop.call_soon_threadsafe(self._loop.call_later, delay, _abort_streams, state)
         super().handle_exit(sig, frame)
 
+    def handle_reload(self, sig: int, frame: FrameType | None) -> None:
+        app = self.config.loaded_app if self.config.loaded else None
+        state = _state_of(app)
+        if state is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(reload_models, state)
+
+
+def reload_models(state: ServerState) -> None:
+    """Re-read the settings file and load the versions it adds (SIGHUP); failures are logged, not fatal."""
+    source = state.settings.source
+    if source is None:
+        log.warning("SIGHUP: the server was not started from a settings file; nothing to reload")
+        return
+    try:
+        settings = load_settings(source)
+    except ConfigError as exc:
+        log.warning("SIGHUP: keeping the running models: %s", exc)
+        return
+    for deployment in state.registry.reload(settings):
+        log.warning("SIGHUP: loading model %r version %r", deployment.spec.name, deployment.version)
+
 
 def _abort_streams(state: ServerState) -> None:
-    for scheduler in state.registry.schedulers.values():
-        scheduler.abort_all()
+    """End every stream in-band (``shutdown``), then close every WebSocket with 1001."""
+    state.registry.abort_all()
+    for session in list(state.closers):
+        session.tg.start_soon(session.shut_down)
+
+
+class _QuietDrops(logging.Filter):
+    """uvicorn logs an error when a response ends unfinished; for a dropped slow consumer that is the
+    intent (an unfinished response is how the connection gets closed), and it is counted instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing response."
 
 
 def _state_of(app: object) -> ServerState | None:
@@ -137,6 +184,9 @@ def _state_of(app: object) -> ServerState | None:
             return state
         app = getattr(app, "app", None)
     return None
+
+
+_QUIET_DROPS = _QuietDrops()
 
 
 def bind(host: str, port: int) -> socket.socket:

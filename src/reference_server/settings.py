@@ -8,15 +8,17 @@ overhead (MEASUREMENTS.md: a naive batcher in front of a zero-cost model halved 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError
 
 from reference_server.errors import ConfigError
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
+ADMIN_TOKEN_ENV = "INFERBENCH_ADMIN_TOKEN"
 
 
 class EchoModelSpec(BaseModel):
@@ -28,6 +30,8 @@ class EchoModelSpec(BaseModel):
     version: str = Field("1", min_length=1, max_length=64)
     base_ms: float = Field(0.5, ge=0, le=60_000)
     per_item_ms: float = Field(0.01, ge=0, le=60_000)
+    load_ms: float = Field(0.0, ge=0, le=600_000, description="simulated load time before warm-up")
+    fail_load: bool = Field(False, description="fault injection: loading this version fails")
 
 
 class OutputLength(BaseModel):
@@ -61,6 +65,8 @@ class TokensModelSpec(BaseModel):
     stall_rate: float = Field(0.0, ge=0, le=1)
     """Fraction of requests that stop producing tokens mid-stream for ``stall_ms``."""
     stall_ms: float = Field(30_000.0, ge=0)
+    load_ms: float = Field(0.0, ge=0, le=600_000, description="simulated load time before warm-up")
+    fail_load: bool = Field(False, description="fault injection: loading this version fails")
 
 
 ModelSpec = Annotated[EchoModelSpec | TokensModelSpec, Field(discriminator="kind")]
@@ -94,8 +100,50 @@ class ServerSettings(BaseModel):
     metrics: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning"
 
+    # Admission (off by default: the load generator measures the server, not its limits).
+    rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second per client; None = off")
+    rate_limit_burst: float = Field(20.0, ge=1, description="token bucket size: requests a client may send at once")
+    max_streams_per_client: int | None = Field(None, ge=1, description="concurrent streams per client; None = off")
+    stream_lease_ttl_s: float = Field(3600.0, gt=0, description="a stream lease lapses after this, held or not")
+    max_clients_tracked: int = Field(100_000, ge=16, description="token buckets kept before idle ones are dropped")
+
+    # Time limits of a stream (None = no limit); the sweeper checks them every sweep_interval_s.
+    first_token_timeout_s: float | None = Field(120.0, gt=0)
+    inactivity_timeout_s: float | None = Field(60.0, gt=0)
+    total_timeout_s: float | None = Field(1800.0, gt=0)
+    sweep_interval_s: float = Field(0.1, gt=0, le=60)
+
+    # Slow consumers and dead peers.
+    send_timeout_s: float = Field(10.0, gt=0, description="one write to a client longer than this drops the stream")
+    ws_ping_interval_s: float | None = Field(20.0, gt=0, description="WebSocket protocol pings; None = off")
+    ws_ping_timeout_s: float | None = Field(20.0, gt=0, description="no pong within this: the peer is dead")
+
+    # Resume (SSE Last-Event-ID, WebSocket ``resume``).
+    resume_buffer: int = Field(256, ge=0, description="recent tokens kept per stream for a resume; 0 = off")
+    resume_ttl_s: float = Field(30.0, ge=0, description="how long a dropped stream stays resumable")
+
+    # Models: A/B splits and the admin API.
+    traffic: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="model name -> {version: weight}: an A/B split by client id"
+    )
+    admin_token: SecretStr | None = Field(None, description="bearer token of /admin; None = admin routes off")
+
+    _source: Path | None = PrivateAttr(None)  # the settings file, re-read on SIGHUP
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
     def model_named(self, name: str) -> EchoModelSpec | TokensModelSpec | None:
-        return next((m for m in self.models if m.name == name), None)
+        """The last spec named ``name`` (several versions of one model may be listed; the last serves)."""
+        return next((m for m in reversed(self.models) if m.name == name), None)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as JSON for ``/stats``, secrets masked."""
+        data = self.model_dump(mode="json")
+        if self.admin_token is not None:
+            data["admin_token"] = "***"
+        return data
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> ServerSettings:
@@ -120,7 +168,11 @@ def load_settings(path: Path | None = None, **overrides: Any) -> ServerSettings:
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return validate_settings(data, source)
+    if "admin_token" not in data and os.environ.get(ADMIN_TOKEN_ENV):
+        data["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
+    settings = validate_settings(data, source)
+    settings._source = path
+    return settings
 
 
 def validate_settings(data: dict[str, Any], source: str = "settings") -> ServerSettings:
@@ -133,9 +185,20 @@ def validate_settings(data: dict[str, Any], source: str = "settings") -> ServerS
         settings = ServerSettings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(source, exc)) from None
-    names = [m.name for m in settings.models]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: models: names must be unique, got {names}")
+    keys = [(m.name, m.version) for m in settings.models]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{source}: models: each name and version must be listed once, got {keys}")
+    for name in {m.name for m in settings.models}:
+        if len({m.kind for m in settings.models if m.name == name}) > 1:
+            raise ConfigError(f"{source}: models: every version of {name!r} must be of one kind")
+    for name, split in settings.traffic.items():
+        versions = {m.version for m in settings.models if m.name == name}
+        unknown = sorted(set(split) - versions)
+        if unknown or not split or any(w < 0 for w in split.values()) or sum(split.values()) <= 0:
+            raise ConfigError(
+                f"{source}: traffic.{name}: expected weights >= 0 (not all 0) for versions {sorted(versions)}, "
+                f"got {split}"
+            )
     default = settings.model_named(settings.model)
     if default is None or default.kind != "tokens":
         generators = [m.name for m in settings.models if m.kind == "tokens"]

@@ -7,12 +7,14 @@ from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from reference_server.admission import Admission, client_identity
 from reference_server.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from reference_server.metrics import ServerMetrics
 from reference_server.registry import ModelRegistry
+from reference_server.resume import ResumeTable
 from reference_server.settings import ServerSettings
 
 M = TypeVar("M", bound=BaseModel)
@@ -23,14 +25,37 @@ class ServerState:
     settings: ServerSettings
     registry: ModelRegistry
     metrics: ServerMetrics
+    admission: Admission
+    resumes: ResumeTable
     ready: bool = False
     draining: bool = False
     render_metrics: Any = field(default=None, repr=False)
+    closers: set[Any] = field(default_factory=set, repr=False)  # open WebSocket sessions, closed on shutdown
+    # Whether anything depends on who the client is (limits, A/B splits); if not, identity is not computed.
+    needs_client: bool = False
 
 
-def state_of(request: Request) -> ServerState:
+def state_of(request: HTTPConnection) -> ServerState:
     state: ServerState = request.app.state.server
     return state
+
+
+def client_of(conn: HTTPConnection) -> str:
+    """The client's identity (see ``admission.client_identity``)."""
+    return client_identity(conn.headers, conn.client.host if conn.client else None)
+
+
+def admit(request: HTTPConnection, state: ServerState) -> str:
+    """Rate-limit one request; returns the client's identity, or "" when nothing needs it.
+
+    Raises:
+        RateLimited: the client's token bucket is empty.
+    """
+    if not state.needs_client:
+        return ""
+    client = client_of(request)
+    state.admission.check_rate(client)
+    return client
 
 
 class JSONResponse(Response):

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from reference_server.endpoints.common import JSONResponse
-from reference_server.errors import Overloaded, RequestError
+from reference_server.errors import RequestError, RetryLater
 from reference_server.metrics import Counter, ServerMetrics
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -26,7 +26,7 @@ def native_error(exc: RequestError) -> dict[str, object]:
 
 def error_response(exc: RequestError, body: ErrorBody = native_error) -> Response:
     headers = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, RetryLater):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))  # RFC 9110: whole seconds
     return JSONResponse(body(exc), status_code=exc.status, headers=headers)
 

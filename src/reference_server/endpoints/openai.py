@@ -16,17 +16,19 @@ from typing import Any
 import anyio
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from reference_server.channels import StreamEnd, Token
-from reference_server.endpoints.common import JSONResponse, read_json, state_of
-from reference_server.endpoints.native import SSE_HEADERS, guarded
+from reference_server.channels import EndReason, StreamEnd, Token
+from reference_server.endpoints.common import JSONResponse, admit, read_json, state_of
+from reference_server.endpoints.streaming import SseResponse, open_stream
 from reference_server.errors import RequestError
-from reference_server.scheduler import ContinuousScheduler, GenerationRequest, Sequence
+from reference_server.scheduler import GenerationRequest, Sequence
 from reference_server.schemas import ChatCompletionRequest, CompletionRequest
-from reference_server.streams import PING, receive_or_ping, usage_of
+from reference_server.streams import PING, StreamCounters, receive_or_ping, usage_of
 
 DONE = b"data: [DONE]\n\n"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+SLOW_CONSUMER_COMMENT = b": warning slow_consumer: the send buffer is 80 % full\n\n"
 
 
 def openai_error(exc: RequestError) -> dict[str, object]:
@@ -68,31 +70,32 @@ async def _generate(
     stream: bool, include_usage: bool, *, chat: bool,
 ) -> Response:  # fmt: skip
     state = state_of(request)
-    scheduler = state.registry.scheduler(model)
-    seq = scheduler.submit(GenerationRequest(prompt, max_tokens, seed))
+    client = admit(request, state)
+    scheduler = state.registry.scheduler(model, client)
+    guard = open_stream(
+        state, "openai" if stream else "http", client, scheduler, GenerationRequest(prompt, max_tokens, seed)
+    )
+    seq = guard.seq
     shape = _ChunkShape(("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), model, int(time.time()), chat)
     headers = {"X-Model-Version": seq.model_version}
     if stream:
-        events = _stream(seq, shape, include_usage, state.settings.heartbeat_s)
-        return StreamingResponse(
-            guarded(events, state, scheduler, seq, "openai"),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **headers},
-        )
-    state.metrics.connection_opened("http")
+        events = _stream(seq, shape, include_usage, state.settings.heartbeat_s, guard.counters)
+        return SseResponse(events, guard, headers, state.settings.send_timeout_s)
     try:
-        texts, end = await _collect_unless_disconnected(request, seq, scheduler)
+        texts, end = await _collect_unless_disconnected(request, seq)
+        guard.complete = True
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; counted under this status
     finally:
-        state.metrics.connection_closed("http")
+        guard.close()
     if not end.ok:
-        return JSONResponse(_in_band_error(end), status_code=502, headers=headers)
+        status = 504 if end.reason is EndReason.TIMEOUT else 502
+        return JSONResponse(_in_band_error(end), status_code=status, headers=headers)
     return JSONResponse(shape.whole("".join(texts), end), headers=headers)
 
 
-async def _collect_unless_disconnected(
-    request: Request, seq: Sequence, scheduler: ContinuousScheduler
-) -> tuple[list[str], StreamEnd]:
-    """All of a sequence's tokens; if the client goes away first, the sequence is cancelled.
+async def _collect_unless_disconnected(request: Request, seq: Sequence) -> tuple[list[str], StreamEnd]:
+    """All of a sequence's tokens; returns early (the caller's guard cancels) if the client goes away.
 
     Starlette cancels streaming responses on disconnect but not plain handlers, so a non-streaming
     generation nobody waits for would run to the end. Once the body is read, the next ASGI message
@@ -103,7 +106,7 @@ async def _collect_unless_disconnected(
     async def cancel_on_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        scheduler.cancel(seq)
+        tg.cancel_scope.cancel()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(cancel_on_disconnect)
@@ -113,7 +116,11 @@ async def _collect_unless_disconnected(
             if end is not None:
                 tg.cancel_scope.cancel()
                 return texts, end
-    raise AssertionError("unreachable")  # the loop above only exits by returning
+    raise ClientGone
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming generation went away; there is nobody to answer."""
 
 
 class _ChunkShape:
@@ -165,15 +172,22 @@ def _in_band_error(end: StreamEnd) -> dict[str, Any]:
                       "param": None, "code": end.reason.value}}  # fmt: skip
 
 
-async def _stream(seq: Sequence, shape: _ChunkShape, include_usage: bool, heartbeat_s: float) -> AsyncIterator[bytes]:
+async def _stream(
+    seq: Sequence, shape: _ChunkShape, include_usage: bool, heartbeat_s: float, counters: StreamCounters
+) -> AsyncIterator[bytes]:
     if shape.chat:
         yield _data(shape.chunk(None, role=True))
     while True:
         got = await receive_or_ping(seq, heartbeat_s)
         if got is None:
+            counters.pings.inc()
             yield PING
             continue
         tokens, end = got
+        if seq.channel.warning_pending:  # as a comment: OpenAI clients know no warning chunk
+            seq.channel.warning_pending = False
+            counters.warnings.inc()
+            yield SLOW_CONSUMER_COMMENT
         yield b"".join(_content_chunks(shape, tokens, end))
         if end is not None:
             tail = b""

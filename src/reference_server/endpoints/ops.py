@@ -41,7 +41,10 @@ async def stats(request: Request) -> Response:
                     for n, s in registry.schedulers.items()
                 },
             },
-            "settings": state.settings.model_dump(mode="json"),
+            "models_detail": registry.describe(),
+            "admission": {k[0]: v for k, v in state.admission.gauges().items()},
+            "resumable_streams": len(state.resumes),
+            "settings": state.settings.public(),
             "metrics": state.metrics.snapshot(),
         }
     )

@@ -1,54 +1,105 @@
 """``WS /ws``: several requests in flight on one socket, each tagged with the client's ``id``.
 
-The protocol is in docs/protocol.md. A bad message gets an ``error`` message naming the field and the
-socket stays open; only a transport failure closes it. Every send goes through one lock, so the
-messages of concurrent requests never interleave inside a frame.
+The protocol is in docs/protocol.md. A bad or refused message gets an ``error`` (or ``rate_limited``)
+message and the socket stays open; every send goes through one lock, so the messages of concurrent
+requests never interleave inside a frame. The socket is closed by the server only when it cannot serve
+it: overloaded at connect or a slow reader (1013, try again later), or shutdown (1001, going away).
+
+Heartbeats: after ``heartbeat_s`` without a message to the client the server sends an application-level
+``ping`` (browsers cannot send protocol pings, and their scripts can see these); protocol pings from
+uvicorn (``ws_ping_interval_s``) find dead peers, whose generations are then cancelled.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import anyio
+import anyio.abc
 import orjson
 from pydantic import TypeAdapter, ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from reference_server.batcher import ModelFailed, RequestBatcher
-from reference_server.endpoints.common import ServerState, invalid_from
-from reference_server.errors import InvalidRequest, RequestError
-from reference_server.scheduler import ContinuousScheduler, GenerationRequest, Sequence
-from reference_server.schemas import REQUEST_ID, WsCancel, WsGenerate, WsMessage, WsPing, WsPredict
-from reference_server.streams import end_payload
+from reference_server.channels import EndReason, Token
+from reference_server.endpoints.common import ServerState, client_of, invalid_from
+from reference_server.endpoints.streaming import StreamGuard, open_stream
+from reference_server.errors import InvalidRequest, RateLimited, RequestError
+from reference_server.resume import ResumeUnavailable
+from reference_server.scheduler import GenerationRequest
+from reference_server.schemas import (
+    REQUEST_ID,
+    WS_TYPES,
+    WsAny,
+    WsCancel,
+    WsGenerate,
+    WsMessage,
+    WsPing,
+    WsPong,
+    WsResume,
+)  # fmt: skip
+from reference_server.streams import end_payload, slow_consumer_warning
 
-_MESSAGE = TypeAdapter[WsGenerate | WsPredict | WsCancel | WsPing](WsMessage)
+_MESSAGE = TypeAdapter[WsAny](WsMessage)
+
+TRY_AGAIN_LATER = 1013  # RFC 6455 §7.4.1 (IANA registry): overloaded, or this client is too slow
+GOING_AWAY = 1001  # the server is shutting down
+_CLOSE_WAIT_S = 1.0  # at shutdown, how long in-band ends may take before the close frame
 
 
 class _Session:
-    def __init__(self, websocket: WebSocket, state: ServerState) -> None:
+    def __init__(self, websocket: WebSocket, state: ServerState, tg: anyio.abc.TaskGroup) -> None:
         self.ws = websocket
         self.state = state
+        self.tg = tg
         self.lock = anyio.Lock()
-        self.in_flight: dict[str, tuple[ContinuousScheduler, Sequence] | None] = {}
+        self.in_flight: dict[str, StreamGuard | None] = {}
         self.gone = False
+        self.client = client_of(websocket) if state.needs_client else ""
+        self.sent_at = anyio.current_time()
+        self.pings = 0
 
     async def send(self, message: dict[str, Any]) -> bool:
-        """Send one message; False once the peer is gone (a failed send is a disconnect, not an error)."""
+        """Send one message; False once the peer is gone (a failed send is a disconnect, not an error).
+
+        A send that takes longer than ``send_timeout_s`` drops the client as a slow consumer (1013).
+        """
         if self.gone:
             return False
         data = orjson.dumps(message).decode()
         async with self.lock:
             try:
-                await self.ws.send_text(data)
+                with anyio.move_on_after(self.state.settings.send_timeout_s) as scope:
+                    await self.ws.send_text(data)
             except (WebSocketDisconnect, OSError, RuntimeError):  # RuntimeError: Starlette, after close
                 self.gone = True
+            self.sent_at = anyio.current_time()
+        if scope.cancelled_caught and not self.gone:
+            self.state.metrics.slow_drops.child("websocket", "send_timeout").inc()
+            await self.close(TRY_AGAIN_LATER, "slow consumer: a send took too long")
         return not self.gone
 
-    async def refuse(self, request_id: str | None, exc: RequestError) -> None:
-        body: dict[str, Any] = {"type": "error", "id": request_id, **exc.to_json()}
-        await self.send(body)
+    async def close(self, code: int, reason: str) -> None:
+        """Close the socket (at most once) and cancel what it still has in flight."""
+        if self.gone:
+            return
+        self.gone = True
+        self.cancel_all()
+        with (
+            anyio.move_on_after(_CLOSE_WAIT_S),
+            anyio.CancelScope(shield=True),
+            contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError),
+        ):
+            await self.ws.close(code, reason)
 
-    async def handle(self, raw: str, tg: anyio.abc.TaskGroup) -> None:
+    async def refuse(self, request_id: str | None, exc: RequestError) -> None:
+        if isinstance(exc, RateLimited):
+            await self.send({"type": "rate_limited", "id": request_id, **exc.to_json()})
+            return
+        await self.send({"type": "error", "id": request_id, **exc.to_json()})
+
+    async def handle(self, raw: str) -> None:
         try:
             msg = _MESSAGE.validate_json(raw)
         except ValidationError as exc:
@@ -56,11 +107,13 @@ class _Session:
             return
         if isinstance(msg, WsPing):
             await self.send({"type": "pong", "data": msg.data})
+        elif isinstance(msg, WsPong):
+            pass  # any message shows the peer is alive; uvicorn's protocol pings judge dead peers
         elif isinstance(msg, WsCancel):
-            running = self.in_flight.get(msg.id)
-            if running is not None:
-                scheduler, seq = running
-                scheduler.cancel(seq)
+            guard = self.in_flight.get(msg.id)
+            if guard is not None and not guard.seq.channel.closed and guard.seq.cancel_reason is None:
+                self.state.metrics.aborts.child("websocket", "cancel").inc()
+                guard.scheduler.cancel(guard.seq)
         elif msg.id in self.in_flight:
             await self.refuse(msg.id, InvalidRequest(f"id: request {msg.id!r} is already in flight", field="id"))
         elif len(self.in_flight) >= self.state.settings.ws_max_in_flight:
@@ -68,33 +121,84 @@ class _Session:
             await self.refuse(msg.id, InvalidRequest(f"too many requests in flight on this socket (limit {limit})"))
         else:
             try:
-                if isinstance(msg, WsGenerate):
-                    scheduler = self.state.registry.scheduler(msg.model)
-                    seq = scheduler.submit(GenerationRequest(msg.prompt, msg.max_tokens, msg.seed))
-                    self.in_flight[msg.id] = (scheduler, seq)
-                    tg.start_soon(self.pump, msg.id, scheduler, seq)
-                else:
-                    batcher = self.state.registry.batcher(msg.model)
-                    self.in_flight[msg.id] = None
-                    tg.start_soon(self.predict, msg.id, batcher, msg.input)
+                self._start(msg)
             except RequestError as exc:
                 await self.refuse(msg.id, exc)
 
-    async def pump(self, request_id: str, scheduler: ContinuousScheduler, seq: Sequence) -> None:
+    def _start(self, msg: WsGenerate | WsResume | Any) -> None:
+        state = self.state
+        if self.client:
+            state.admission.check_rate(self.client)
+        if isinstance(msg, WsGenerate):
+            scheduler = state.registry.scheduler(msg.model, self.client)
+            request = GenerationRequest(msg.prompt, msg.max_tokens, msg.seed)
+            # Ids are the socket's own: a clash with another socket's live id only makes this one unresumable.
+            guard = open_stream(state, "websocket", self.client, scheduler, request, "ws:" + msg.id, strict_key=False)
+            self.in_flight[msg.id] = guard
+            self.tg.start_soon(self.pump, msg.id, guard, None)
+        elif isinstance(msg, WsResume):
+            self._resume(msg)
+        else:
+            batcher = state.registry.batcher(msg.model, self.client)
+            self.in_flight[msg.id] = None
+            self.tg.start_soon(self.predict, msg.id, batcher, msg.input)
+
+    def _resume(self, msg: WsResume) -> None:
+        state = self.state
+        metrics = state.metrics
         try:
+            entry = state.resumes.attach("ws:" + msg.id, self.client)
+        except ResumeUnavailable:
+            metrics.resumes.child("unavailable").inc()
+            raise
+        replay = entry.seq.channel.replay_after(msg.last_seq)
+        if replay is None:
+            state.resumes.detach(entry, complete=False)
+            metrics.resumes.child("gap").inc()
+            raise ResumeUnavailable(f"events of {msg.id!r} after seq {msg.last_seq} are no longer buffered")
+        lease = None
+        try:
+            lease = state.admission.lease(self.client)
+            entry.scheduler.resume(entry.seq)
+        except RequestError:
+            state.admission.release(lease)
+            state.resumes.detach(entry, complete=False)
+            raise
+        metrics.resumes.child("resumed").inc()
+        guard = StreamGuard(state, "websocket", entry.scheduler, entry.seq, lease, entry)
+        self.in_flight[msg.id] = guard
+        self.tg.start_soon(self.pump, msg.id, guard, replay)
+
+    async def pump(self, request_id: str, guard: StreamGuard, replay: list[Token] | None) -> None:
+        seq = guard.seq
+        counters = guard.counters
+        try:
+            if replay and not await self._send_tokens(request_id, replay):
+                return
             while True:
                 tokens, end = await seq.channel.receive()
-                for t in tokens:
-                    if not await self.send({"type": "token", "id": request_id, "seq": t.seq, "token": t.text}):
-                        return
+                if seq.channel.warning_pending:
+                    seq.channel.warning_pending = False
+                    counters.warnings.inc()
+                    await self.send({"type": "warning", "id": request_id, **slow_consumer_warning(seq)})
+                if not await self._send_tokens(request_id, tokens):
+                    return
                 if end is not None:
                     kind = "done" if end.ok else "error"
-                    await self.send({"type": kind, "id": request_id, **end_payload(seq, end)})
+                    guard.complete = await self.send({"type": kind, "id": request_id, **end_payload(seq, end)})
+                    if end.reason is EndReason.SLOW_CONSUMER:
+                        await self.close(TRY_AGAIN_LATER, "slow consumer: the stream buffer overflowed")
                     return
         finally:
-            self.in_flight.pop(request_id, None)
-            if not seq.channel.closed:  # the peer is gone or we were cancelled: stop generating
-                scheduler.cancel(seq)
+            if self.in_flight.get(request_id) is guard:
+                del self.in_flight[request_id]
+            guard.close()  # the peer is gone or we were cancelled: stop generating
+
+    async def _send_tokens(self, request_id: str, tokens: list[Token]) -> bool:
+        for t in tokens:
+            if not await self.send({"type": "token", "id": request_id, "seq": t.seq, "token": t.text}):
+                return False
+        return True
 
     async def predict(self, request_id: str, batcher: RequestBatcher, value: Any) -> None:
         try:
@@ -112,11 +216,28 @@ class _Session:
         finally:
             self.in_flight.pop(request_id, None)
 
+    async def heartbeat(self) -> None:
+        """An application-level ``ping`` whenever the socket was quiet for ``heartbeat_s``."""
+        interval = self.state.settings.heartbeat_s
+        counter = self.state.metrics.heartbeats.child("websocket")
+        while not self.gone:
+            await anyio.sleep(max(0.0, self.sent_at + interval - anyio.current_time()))
+            if anyio.current_time() - self.sent_at >= interval:
+                self.pings += 1
+                counter.inc()
+                await self.send({"type": "ping", "data": str(self.pings)})
+
     def cancel_all(self) -> None:
-        for running in self.in_flight.values():
-            if running is not None:
-                scheduler, seq = running
-                scheduler.cancel(seq)
+        for guard in list(self.in_flight.values()):
+            if guard is not None:
+                guard.close()
+
+    async def shut_down(self) -> None:
+        """Server stopping: let the in-band ``shutdown`` ends go out (bounded), then close with 1001."""
+        with anyio.move_on_after(_CLOSE_WAIT_S):
+            while self.in_flight and not self.gone:  # noqa: ASYNC110 - pumps end on their own; a poll is enough here
+                await anyio.sleep(0.01)
+        await self.close(GOING_AWAY, "server shutting down")
 
 
 def _has_known_type(raw: str) -> bool:
@@ -125,7 +246,7 @@ def _has_known_type(raw: str) -> bool:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return False
-    return isinstance(obj, dict) and obj.get("type") in ("generate", "predict", "cancel", "ping")
+    return isinstance(obj, dict) and obj.get("type") in WS_TYPES
 
 
 def _id_of(raw: str) -> str | None:
@@ -141,13 +262,20 @@ def _id_of(raw: str) -> str | None:
 async def websocket_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.server
     await websocket.accept()
-    session = _Session(websocket, state)
+    if state.draining or not state.ready:
+        reason = "server shutting down" if state.draining else "server starting"
+        await websocket.close(TRY_AGAIN_LATER, reason)
+        return
     state.metrics.connection_opened("websocket")
     limit = state.settings.max_body_bytes
+    session: _Session | None = None
     try:
         async with anyio.create_task_group() as tg:
+            session = _Session(websocket, state, tg)
+            state.closers.add(session)
+            tg.start_soon(session.heartbeat)
             try:
-                while True:
+                while not session.gone:
                     message = await websocket.receive()
                     if message["type"] == "websocket.disconnect":
                         break
@@ -157,11 +285,15 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                     elif len(text) > limit or (4 * len(text) > limit and len(text.encode()) > limit):
                         await session.refuse(_id_of(text[:256]), InvalidRequest(f"message exceeds {limit} bytes"))
                     else:
-                        await session.handle(text, tg)
+                        await session.handle(text)
             finally:
+                session.gone = True
                 session.cancel_all()
                 tg.cancel_scope.cancel()
     except WebSocketDisconnect:
-        session.cancel_all()
+        pass
     finally:
+        if session is not None:
+            session.cancel_all()
+            state.closers.discard(session)
         state.metrics.connection_closed("websocket")

@@ -1,0 +1,246 @@
+"""Admission: who is asking, how fast they may ask, and how many streams they may hold.
+
+Policy apart from time: ``TokenBucket`` and ``LeaseTable`` take ``now`` (or a clock) and never sleep, so
+tests drive them with a manual clock. Buckets refill lazily, when their client next asks, so an idle
+client costs nothing and the hot path is one dict lookup and a little arithmetic.
+
+A client's identity (``X-Client-Id``, else a digest of its API key, else its peer address) is used for
+limits and A/B routing only — never as a metrics label, whose cardinality must stay bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from reference_server.errors import RateLimited, TooManyStreams
+from reference_server.metrics import ServerMetrics
+
+Clock = Callable[[], float]
+
+_CLIENT_ID_MAX = 128
+
+
+def client_identity(headers: Mapping[str, str], peer_host: str | None) -> str:
+    """The identity a request is limited and routed by.
+
+    ``X-Client-Id`` wins; then an API key (``Authorization: Bearer`` or ``X-API-Key``), kept only as a
+    digest so the key itself is not held in the server's tables; then the peer's address (not its port:
+    a client opens many connections).
+    """
+    given = headers.get("x-client-id")
+    if given:
+        return "id:" + given[:_CLIENT_ID_MAX]
+    key = headers.get("x-api-key")
+    if not key:
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            key = auth[7:].strip()
+    if key:
+        return "key:" + hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    return "peer:" + (peer_host or "unknown")
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """``burst`` tokens at most, refilled at ``rate`` per second; one request takes one token."""
+
+    tokens: float
+    updated_at: float
+
+    def take(self, now: float, rate: float, burst: float) -> float:
+        """Take a token: 0.0 when granted, else the seconds until one will be there."""
+        elapsed = now - self.updated_at
+        if elapsed > 0:
+            self.tokens = min(burst, self.tokens + elapsed * rate)
+            self.updated_at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / rate
+
+
+class RateLimiter:
+    """A token bucket per client, created on first use and forgotten once idle long enough to be full."""
+
+    def __init__(self, rate_per_s: float, burst: float, *, max_clients: int) -> None:
+        self.rate = rate_per_s
+        self.burst = burst
+        self.max_clients = max_clients
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def check(self, client: str, now: float) -> float:
+        """0.0 when ``client`` may go ahead, else the seconds it should wait."""
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            if len(self._buckets) >= self.max_clients:
+                self._forget_idle(now)
+            bucket = self._buckets[client] = TokenBucket(self.burst, now)
+        return bucket.take(now, self.rate, self.burst)
+
+    def _forget_idle(self, now: float) -> None:
+        # A bucket idle for burst/rate seconds is full again: dropping it changes nothing for its client.
+        full_after = self.burst / self.rate
+        self._buckets = {c: b for c, b in self._buckets.items() if now - b.updated_at < full_after}
+        if len(self._buckets) >= self.max_clients:  # a flood of live clients: keep the newest half
+            keep = sorted(self._buckets.items(), key=lambda kv: kv[1].updated_at)[self.max_clients // 2 :]
+            self._buckets = dict(keep)
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """The right to one concurrent stream; lapses at ``expires_at`` so a crashed holder cannot leak it."""
+
+    client: str
+    id: int
+    expires_at: float
+    released: bool = field(default=False)
+
+
+class LeaseTable:
+    """At most ``limit`` unexpired leases per client."""
+
+    def __init__(self, limit: int, ttl_s: float, clock: Clock) -> None:
+        self.limit = limit
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._held: dict[str, list[Lease]] = {}
+        self._ids = itertools.count()
+        self.expired = 0  # leases reclaimed by their TTL rather than released
+
+    def held(self, client: str) -> int:
+        return len(self._held.get(client, ()))
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self._held.values())
+
+    def acquire(self, client: str) -> Lease:
+        """A lease for one stream of ``client``.
+
+        Raises:
+            TooManyStreams: ``client`` already holds ``limit`` unexpired leases.
+        """
+        now = self._clock()
+        leases = self._held.setdefault(client, [])
+        if leases and leases[0].expires_at <= now:
+            self._drop_expired(client, now)
+            leases = self._held.setdefault(client, [])
+        if len(leases) >= self.limit:
+            # When a stream ends is unknowable here; one second is a polite guess.
+            raise TooManyStreams(f"this client already has {len(leases)} streams open (limit {self.limit})")
+        lease = Lease(client, next(self._ids), now + self.ttl_s)
+        leases.append(lease)  # in expiry order: every lease gets the same TTL
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """Give a lease back; releasing twice, or after it lapsed, does nothing."""
+        if lease.released:
+            return
+        lease.released = True
+        leases = self._held.get(lease.client)
+        if leases is not None and lease in leases:
+            leases.remove(lease)
+            if not leases:
+                del self._held[lease.client]
+
+    def sweep(self, now: float) -> int:
+        """Reclaim every lapsed lease (the sweeper calls this); returns how many."""
+        before = self.expired
+        for client in [c for c, leases in self._held.items() if leases and leases[0].expires_at <= now]:
+            self._drop_expired(client, now)
+        return self.expired - before
+
+    def _drop_expired(self, client: str, now: float) -> None:
+        leases = self._held.get(client, [])
+        alive = [lease for lease in leases if lease.expires_at > now]
+        for lease in leases:
+            if lease.expires_at <= now:
+                lease.released = True
+        self.expired += len(leases) - len(alive)
+        if alive:
+            self._held[client] = alive
+        else:
+            self._held.pop(client, None)
+
+
+class Admission:
+    """The per-client gate in front of every model route; free when both limits are off (the default).
+
+    Args:
+        clock: seconds, monotonic; injected so tests control refills and lease expiry.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate_per_s: float | None,
+        burst: float,
+        max_streams: int | None,
+        lease_ttl_s: float,
+        max_clients: int,
+        metrics: ServerMetrics,
+        clock: Clock,
+    ) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self.limiter = RateLimiter(rate_per_s, burst, max_clients=max_clients) if rate_per_s else None
+        self.leases = LeaseTable(max_streams, lease_ttl_s, clock) if max_streams else None
+        self._rate_limited = metrics.rejections.child("rate_limited")
+        self._too_many_streams = metrics.rejections.child("too_many_streams")
+
+    @property
+    def limits_rate(self) -> bool:
+        return self.limiter is not None
+
+    def check_rate(self, client: str) -> None:
+        """Take one token from ``client``'s bucket.
+
+        Raises:
+            RateLimited: the bucket is empty; ``retry_after_s`` says when the next token comes.
+        """
+        if self.limiter is None:
+            return
+        wait_s = self.limiter.check(client, self._clock())
+        if wait_s > 0:
+            self._rate_limited.inc()
+            raise RateLimited(
+                f"too many requests from this client (limit {self.limiter.rate:g}/s, burst {self.limiter.burst:g})",
+                retry_after_s=wait_s,
+            )
+
+    def lease(self, client: str) -> Lease | None:
+        """A stream lease for ``client``, or None when streams are not limited.
+
+        Raises:
+            TooManyStreams: the client holds its limit of streams.
+        """
+        if self.leases is None:
+            return None
+        try:
+            return self.leases.acquire(client)
+        except TooManyStreams:
+            self._too_many_streams.inc()
+            raise
+
+    def release(self, lease: Lease | None) -> None:
+        if lease is not None and self.leases is not None:
+            self.leases.release(lease)
+
+    def sweep(self) -> None:
+        """Reclaim lapsed leases (called by the sweeper)."""
+        if self.leases is not None:
+            expired = self.leases.sweep(self._clock())
+            if expired:
+                self._metrics.lease_expiries.child().inc(expired)
+
+    def gauges(self) -> dict[tuple[str, ...], float]:
+        return {
+            ("leases",): float(self.leases.total if self.leases else 0),
+            ("rate_buckets",): float(len(self.limiter) if self.limiter else 0),
+        }
