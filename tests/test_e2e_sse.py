@@ -165,6 +165,7 @@ def test_sse_client_disconnect_mid_stream_cancels_the_generation(http: httpx.Cli
     wait_until(lambda: scheduler.running == 0 and scheduler.waiting == 0)
     wait_until(lambda: metrics.active_connections.get(("sse",)) == 0)
     assert metrics.sequences.child("finished").value == 0
+    assert metrics.aborts.child("sse", "disconnect").value == 1
 
 
 # --- refusals over the socket ----------------------------------------------------------------------
