@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infer_bench.metrics.recorder import MetricSet, Recorder, tag_key
-from infer_bench.metrics.timeline import Outcome, Timeline
+from infer_bench.metrics.timeline import GapBuffer, Outcome, Timeline
 from infer_bench.result import headline, summarize
 
 MS = 1_000_000
@@ -57,15 +57,15 @@ def test_open_loop_latency_counts_from_the_intended_start_and_keeps_the_sent_var
 
 
 def test_an_event_with_k_tokens_adds_one_gap_and_k_minus_one_zero_gaps() -> None:
-    tl = Timeline(0, gaps := [])
+    tl = Timeline(0, gaps := GapBuffer())
     tl.on_tokens(10 * MS, 1)
     tl.on_tokens(30 * MS, 3)
-    assert gaps == [20_000, 0, 0]  # µs
+    assert (gaps.values, gaps.zeros) == ([20_000], 2)  # µs; the zero gaps as a count
     assert tl.tokens == 4
 
 
 def test_the_first_outcome_wins() -> None:
-    tl = Timeline(0, [])
+    tl = Timeline(0, GapBuffer())
     tl.finish(Outcome.CANCELLED, 5)
     tl.finish(Outcome.DISCONNECTED, 9, "late error")
     assert (tl.outcome, tl.end_ns, tl.error) == (Outcome.CANCELLED, 5, None)
@@ -113,3 +113,19 @@ def test_metric_sets_merge_losslessly() -> None:
     assert stats["ttft"]["count"] == 2
     assert (stats["ttft"]["min"], stats["ttft"]["max"]) == (approx(10.0), approx(30.0))
     assert merged.outcomes == {"completed": 2}
+
+
+def test_zero_gaps_are_folded_as_a_count_and_every_gap_is_kept() -> None:
+    rec = Recorder(0)
+    key = tag_key(scenario="s")
+    tl = rec.timeline(key, 0, measured=True)
+    tl.sent_ns = 1
+    tl.on_tokens(10 * MS, 1)
+    tl.on_tokens(30 * MS, 63)  # one read carrying 63 tokens: one 20 ms gap and 62 zero gaps
+    tl.finish(Outcome.COMPLETED, 31 * MS)
+    rec.finished(key, tl, measured=True)
+    rec.flush()
+    itl = rec.sets[key].histograms["itl"]
+    assert itl.get_total_count() == 63  # tokens - 1
+    assert itl.get_count_at_value(1) == 62
+    assert itl.get_count_at_value(20_000) == 1

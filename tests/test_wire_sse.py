@@ -384,3 +384,45 @@ def test_arbitrary_bytes_raise_nothing_but_protocol_error(chunks: list[bytes], m
     except ProtocolError as exc:
         reason = str(exc)
     assert reason == "" or "max_event_bytes" in reason
+
+
+# Whole lines of the shape the fast path takes (``id: ``, ``event: ``, one ``data: ``, a blank line) mixed
+# with lines it must leave to the general rules: the two paths must agree wherever they hand over.
+stream_lines = st.lists(
+    st.sampled_from(
+        [
+            *(b"id: 7\n", b"id: r:12\n", b"id: \n", b"id: a\x00b\n", b"event: token\n", b"event: \n", b"event: done\n"),
+            *(b"data: {}\n", b"data: \n", b"data:x\n", b"data:  two\n", b"\n", b"\n", b"\n", b": ping\n"),
+            *(b"retry: 5\n", b"id:9\n", b"\r\n", b"\r", b"data: \xc3\xa9\n", b"foo: bar\n"),
+        ]
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+@FAST
+@given(stream_lines, st.data())
+def test_fast_and_general_paths_agree_with_the_reference_however_split(stream: bytes, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    expected_events, expected_id, expected_retry, expected_comments = reference_decode(stream)
+    decoder = SSEDecoder()
+    events: list[SSEEvent] = []
+    for chunk in split_at(stream, cuts):
+        events += decoder.feed(chunk)
+    assert events == expected_events
+    assert (decoder.last_event_id, decoder.retry_ms, decoder.comments) == (
+        expected_id,
+        expected_retry,
+        expected_comments,
+    )
+
+
+def test_a_stream_of_simple_events_after_a_retry_field_keeps_every_id() -> None:
+    stream = b"retry: 1000\n\n" + b"".join(b"id: r:%d\nevent: token\ndata: {}\n\n" % i for i in range(5)) + b"id: r:5\n"
+    decoder = SSEDecoder()
+    events = decoder.feed(stream)
+    assert [e.id for e in events] == [f"r:{i}" for i in range(5)]
+    assert {e.event for e in events} == {"token"}
+    assert decoder.retry_ms == 1000
+    assert decoder.last_event_id == "r:4"  # the id of an event not yet ended does not count
+    assert decoder.feed(b"data: x\n\n") == [SSEEvent(event="message", data="x", id="r:5")]

@@ -83,10 +83,13 @@ class Exchange:
         self.tl.finish(self._terminal or Outcome.COMPLETED, now, self._terminal_error)
 
     def tokens(self, now: int, count: int = 1) -> None:
-        self.tl.on_tokens(now, count)
+        """``count`` tokens arrived in one read; a cancelling client reads no further than its limit."""
         limit = self.cancel_after_tokens
-        if limit is not None and self.tl.tokens >= limit:
+        if limit is not None and self.tl.tokens + count >= limit:
+            self.tl.on_tokens(now, limit - self.tl.tokens)
             self.stop(Outcome.CANCELLED, now, None)
+        else:
+            self.tl.on_tokens(now, count)
 
     def stop(self, outcome: Outcome, now: int, error: str | None) -> None:
         """End the request from our side (cancel, timeout, protocol error): drop the connection."""
@@ -141,22 +144,26 @@ class SSEExchange(Exchange):
         except ProtocolError as exc:
             self.stop(Outcome.PROTOCOL_ERROR, now, str(exc))
             return
-        for event in events:
-            self.handle(event, now)
-            if self.tl.outcome is not None:
-                return
-        if events and self.read_delay_s > 0:
+        if not events:
+            return
+        # All tokens of one read arrived together: they are counted in one go (one gap, then zero gaps).
+        if (tokens := self.take(events, now)) and self.tl.outcome is None:
+            self.tokens(now, tokens)
+        if self.read_delay_s > 0 and self.tl.outcome is None:
             self.conn.pause_reading_for(self.read_delay_s * len(events))
 
-    def handle(self, event: SSEEvent, now: int) -> None:
-        kind = event.event
-        if kind == "token" or kind == "message":
-            self.tokens(now)
-        elif kind == "done":
-            finish = _field(event.data, "finish_reason")
-            self.mark_end(Outcome.TRUNCATED if finish == "length" else Outcome.COMPLETED)
-        elif kind == "error":
-            self.mark_end(Outcome.STREAM_ERROR, _field(event.data, "error") or event.data[:300])
+    def take(self, events: list[SSEEvent], now: int) -> int:
+        """Act on one read's events; returns how many tokens they carried."""
+        tokens = 0
+        for kind, data, _ in events:
+            if kind == "token" or kind == "message":
+                tokens += 1
+            elif kind == "done":
+                finish = _field(data, "finish_reason")
+                self.mark_end(Outcome.TRUNCATED if finish == "length" else Outcome.COMPLETED)
+            elif kind == "error":
+                self.mark_end(Outcome.STREAM_ERROR, _field(data, "error") or data[:300])
+        return tokens
 
     def end_of_body(self, now: int) -> None:
         if self._terminal is None:
@@ -168,23 +175,28 @@ class SSEExchange(Exchange):
 class OpenAIExchange(SSEExchange):
     """An OpenAI-compatible stream: ``data:`` chunks, role-only deltas skipped, ``[DONE]`` last."""
 
-    def handle(self, event: SSEEvent, now: int) -> None:
-        try:
-            delta = parse_openai_data(event.data)
-        except ProtocolError as exc:
-            self.stop(Outcome.PROTOCOL_ERROR, now, str(exc))
-            return
-        if delta.error is not None:
-            self.mark_end(Outcome.STREAM_ERROR, delta.error)
-        elif delta.done:
-            self.mark_end(Outcome.COMPLETED)
-        else:
-            if delta.text:
-                self.tokens(now)
-            if delta.finish_reason == "length":
-                self.mark_end(Outcome.TRUNCATED)
-            elif delta.finish_reason is not None:
+    def take(self, events: list[SSEEvent], now: int) -> int:
+        tokens = 0
+        for event in events:
+            try:
+                delta = parse_openai_data(event.data)
+            except ProtocolError as exc:
+                if tokens:  # they arrived before the bad chunk
+                    self.tokens(now, tokens)
+                self.stop(Outcome.PROTOCOL_ERROR, now, str(exc))
+                return 0
+            if delta.error is not None:
+                self.mark_end(Outcome.STREAM_ERROR, delta.error)
+            elif delta.done:
                 self.mark_end(Outcome.COMPLETED)
+            else:
+                if delta.text:
+                    tokens += 1
+                if delta.finish_reason == "length":
+                    self.mark_end(Outcome.TRUNCATED)
+                elif delta.finish_reason is not None:
+                    self.mark_end(Outcome.COMPLETED)
+        return tokens
 
 
 def _field(data: str, name: str) -> str | None:

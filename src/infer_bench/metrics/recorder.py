@@ -14,7 +14,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from infer_bench.metrics.timeline import SUCCESSES, Outcome, Timeline
+from infer_bench.metrics.timeline import SUCCESSES, GapBuffer, Outcome, Timeline
 
 HIGHEST_US = 3_600_000_000
 SIGNIFICANT_DIGITS = 3
@@ -51,7 +51,8 @@ class MetricSet:
     def __init__(self) -> None:
         self.histograms = {name: new_histogram() for name in METRICS}
         self._pending: dict[str, list[int]] = {name: [] for name in METRICS}
-        self.itl_buffer = self._pending["itl"]  # clients append gaps (µs) here directly
+        self.gaps = GapBuffer()  # clients add inter-token gaps here directly
+        self._pending["itl"] = self.gaps.values
         self.outcomes: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
         self.tokens = 0
@@ -91,6 +92,9 @@ class MetricSet:
             for value, count in counted.items():
                 hist.record_value(min(max(value, 1), HIGHEST_US), count)
             values.clear()
+        if zeros := self.gaps.zeros:
+            self.histograms["itl"].record_value(1, zeros)  # as every gap under 1 µs: the histogram's floor
+            self.gaps.zeros = 0
 
     def merge(self, other: MetricSet) -> None:
         other.flush()
@@ -146,7 +150,7 @@ class Recorder:
         self.sets: dict[TagKey, MetricSet] = {}
         self.series: list[SecondStats] = []
         self.error_sample: list[dict[str, Any]] = []
-        self._discard: list[int] = []
+        self._discard = GapBuffer()
 
     def metric_set(self, key: TagKey) -> MetricSet:
         found = self.sets.get(key)
@@ -159,7 +163,7 @@ class Recorder:
         if not measured:
             self._discard.clear()
             return Timeline(intended_ns, self._discard)
-        return Timeline(intended_ns, self.metric_set(key).itl_buffer)
+        return Timeline(intended_ns, self.metric_set(key).gaps)
 
     def second(self, now_ns: int) -> SecondStats:
         t = max(0, (now_ns - self.start_ns) // 1_000_000_000)

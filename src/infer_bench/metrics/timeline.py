@@ -28,6 +28,22 @@ class Outcome(enum.StrEnum):
 SUCCESSES = frozenset({Outcome.COMPLETED, Outcome.TRUNCATED})
 
 
+class GapBuffer:
+    """Where one tag set's inter-token gaps wait for the recorder: each real gap (µs) in ``values``, the zero
+    gaps of tokens that came in one read as a count. Most gaps of a batched stream are zeros (a read of 63
+    tokens has one gap and 62 zeros), so counting them keeps the buffer, and its folding, 60x smaller."""
+
+    __slots__ = ("values", "zeros")
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+        self.zeros = 0
+
+    def clear(self) -> None:
+        self.values.clear()
+        self.zeros = 0
+
+
 class Timeline:
     """Stamps (ns, 0 = never) and counts for one request; filled in by a client as bytes arrive."""
 
@@ -36,7 +52,7 @@ class Timeline:
         "outcome", "reconnects", "sent_ns", "status", "tokens",
     )  # fmt: skip
 
-    def __init__(self, intended_ns: int, gaps: list[int]) -> None:
+    def __init__(self, intended_ns: int, gaps: GapBuffer) -> None:
         self.intended_ns = intended_ns
         self.sent_ns = 0
         self.headers_ns = 0
@@ -48,7 +64,7 @@ class Timeline:
         self.outcome: Outcome | None = None
         self.error: str | None = None
         self.reconnects = 0
-        self.gaps = gaps  # where inter-token gaps (µs) go: the recorder's buffer, or a discard list in warmup
+        self.gaps = gaps  # where inter-token gaps go: the recorder's buffer, or a discarded one in warmup
 
     def on_tokens(self, now: int, count: int = 1) -> None:
         """``count`` tokens arrived at ``now`` in one event."""
@@ -57,9 +73,9 @@ class Timeline:
         if self.first_token_ns == 0:
             self.first_token_ns = now
         else:
-            self.gaps.append((now - self.last_token_ns) // 1000)  # µs: the recorder counts them as they are
+            self.gaps.values.append((now - self.last_token_ns) // 1000)  # µs: the recorder counts them as they are
         if count > 1:
-            self.gaps.extend([0] * (count - 1))
+            self.gaps.zeros += count - 1
         self.last_token_ns = now
         self.tokens += count
 
