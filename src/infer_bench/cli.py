@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -129,7 +129,13 @@ def _env(pairs: list[str]) -> dict[str, str]:
 def run(
     scenario: Annotated[Path, typer.Argument(help="Scenario file (YAML)")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Result file (default: results/<scenario>-<time>.json)")
+        list[str] | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Result file (default: results/<scenario>-<time>.json); or FORMAT=FILE for a report as well "
+            "(markdown, json, junit, html, hlog, text); repeatable",
+        ),
     ] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for ${KEY} in the file")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts, class picks and behaviours")] = 0,
@@ -149,22 +155,54 @@ def run(
     from infer_bench.runner import run_scenario
     from infer_bench.scenario import load_scenario
 
+    result_path, reports = _outputs(out or [])
     spec = load_scenario(scenario, _env(env or []))
-    if out is None:
+    if result_path is None:
         Path("results").mkdir(exist_ok=True)
-        out = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
+        result_path = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
     console = Console(stderr=True)
     with LiveView(console) if not quiet else _nothing() as live:
         result, code = run_scenario(
-            spec, out=out, live=live, seed=seed, verify_tls=not insecure, check_thresholds=not no_thresholds
+            spec, out=result_path, live=live, seed=seed, verify_tls=not insecure, check_thresholds=not no_thresholds
         )
     print_summary(result, Console() if sys.stdout.isatty() else Console(width=140))  # logs: room for tables
-    Console(stderr=True).print(f"[dim]result written to {out}[/]")
+    out_path = result_path
+    Console(stderr=True).print(f"[dim]result written to {out_path}[/]")
+    if reports:
+        from infer_bench.report.formats import render_report
+        from infer_bench.result import load_result
+
+        written = load_result(out_path)  # as a report of the file reads it, so both say the same
+        for fmt, path in reports:
+            path.write_text(render_report(fmt, [written]), encoding="utf-8")
+            Console(stderr=True).print(f"[dim]{fmt} report written to {path}[/]")
     if code == 3:
-        raise RunAborted(f"the run stopped early ({result['stop_reason']}); the partial result is in {out}")
+        raise RunAborted(f"the run stopped early ({result['stop_reason']}); the partial result is in {out_path}")
     if code == 1:
         failed = [f"{t['metric']} {t['expression']}" for t in result["thresholds"] if not t["ok"]]
         raise ThresholdsFailed(f"{len(failed)} threshold(s) failed: {'; '.join(failed)}")
+
+
+def _outputs(values: list[str]) -> tuple[Path | None, list[tuple[str, Path]]]:
+    """``-o`` values: at most one result path, and any number of FORMAT=FILE reports."""
+    from infer_bench.report.formats import FORMATS
+
+    result: Path | None = None
+    reports: list[tuple[str, Path]] = []
+    for value in values:
+        fmt, sep, file = value.partition("=")
+        if sep and fmt in FORMATS:
+            if not file:
+                raise UsageError(f"--out {value}: expected {fmt}=FILE")
+            reports.append((fmt, Path(file)))
+        elif result is not None:
+            raise UsageError(f"--out {value}: the result file is already {result}; reports are FORMAT=FILE")
+        else:
+            result = Path(value)
+    for _, path in reports:
+        if not path.parent.is_dir():
+            raise UsageError(f"--out {path}: the directory {path.parent} does not exist")
+    return result, reports
 
 
 class _nothing:
@@ -190,6 +228,138 @@ def validate(
         classes = ", ".join(f"{c.name} ({c.protocol}, weight {c.weight:g})" for c in s.classes)
         print(f"{scenario}: {name}: {s.executor.kind}, {s.executor.total_duration():g} s; classes: {classes}")
     print(f"{scenario}: valid")
+
+
+def _load_results(paths: list[Path]) -> list[dict[str, Any]]:
+    from infer_bench.result import load_result
+
+    return [load_result(path) for path in paths]
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text, encoding="utf-8")
+        print(f"written to {output}", file=sys.stderr)
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Result files (several overlay in html, tag in hlog)")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="text, markdown, json, junit, html (one file, offline) or hlog")
+    ] = "text",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout")] = None,
+) -> None:
+    """Render result files: the summary again, Markdown for CI, JSON figures, JUnit, HTML plots, HDR logs."""
+    from infer_bench.report.formats import render_report
+
+    loaded = _load_results(results)
+    if fmt == "text" and output is None and sys.stdout.isatty():
+        from rich.console import Console
+
+        from infer_bench.report.summary import print_summary
+
+        for result in loaded:
+            print_summary(result, Console())
+        return
+    _emit(render_report(fmt, loaded), output)
+
+
+def _names(baseline: Path, current: Path) -> tuple[str, str]:
+    if baseline.stem != current.stem:
+        return baseline.stem, current.stem
+    return "baseline", "current"
+
+
+@app.command()
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="The result to compare against")],
+    current: Annotated[Path, typer.Argument(help="The new result")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="text or markdown")] = "text",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout")] = None,
+) -> None:
+    """Two runs side by side: every figure with its change, and warnings when runs are not comparable."""
+    from infer_bench.compare import compare_results
+    from infer_bench.report.comparison import comparison_markdown, render_comparison
+
+    base, cur = _load_results([baseline, current])
+    comparison = compare_results(base, cur)
+    names = _names(baseline, current)
+    if fmt == "markdown":
+        _emit(comparison_markdown(comparison, names), output)
+    elif fmt == "text":
+        _emit(_rendered(render_comparison(comparison, names), output), output)
+    else:
+        raise UsageError(f"--format {fmt}: compare writes text or markdown")
+
+
+def _rendered(renderable: object, output: Path | None) -> str:
+    import io
+
+    from rich.console import Console
+
+    if output is None and sys.stdout.isatty():
+        Console().print(renderable)
+        return ""
+    buffer = io.StringIO()
+    Console(file=buffer, width=160, color_system=None, highlight=False).print(renderable)
+    return buffer.getvalue()
+
+
+@app.command()
+def gate(
+    baseline: Annotated[Path, typer.Argument(help="The stored baseline result")],
+    current: Annotated[Path, typer.Argument(help="The new result")],
+    max_regression: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max-regression",
+            "-r",
+            help="FIGURE=BUDGET, e.g. ttft.p99=10%, itl.p50=+2ms, throughput=-5% (default: the scenario's gates:)",
+        ),
+    ] = None,
+    confidence: Annotated[
+        float | None, typer.Option(min=0.5, max=0.999, help="Interval a change must leave to count (default 0.95)")
+    ] = None,
+    resamples: Annotated[int, typer.Option(min=100, max=100_000, help="Bootstrap draws per rule")] = 1000,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="text or markdown")] = "text",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout")] = None,
+) -> None:
+    """Exit 1 when CURRENT regresses beyond a budget against BASELINE by more than run-to-run noise."""
+    from infer_bench.gate import decide, rules_of
+    from infer_bench.report.comparison import gate_markdown, render_gate
+    from infer_bench.scenario.gates import GateSyntaxError, parse_gate_option
+
+    base, cur = _load_results([baseline, current])
+    if max_regression:
+        try:
+            rules = [parse_gate_option(text) for text in max_regression]
+        except GateSyntaxError as exc:
+            raise UsageError(f"--max-regression: {exc}") from None
+        level = 0.95
+    else:
+        rules, level = rules_of(cur)
+        if not rules:
+            raise UsageError(
+                f"no rules: give --max-regression FIGURE=BUDGET, or a gates: block in {current}'s scenario"
+            )
+    decisions = decide(base, cur, rules, confidence=confidence or level, resamples=resamples)
+    names = _names(baseline, current)
+    if fmt == "markdown":
+        _emit(gate_markdown(decisions, names), output)
+    elif fmt == "text":
+        _emit(_rendered(render_gate(decisions, names), output), output)
+    else:
+        raise UsageError(f"--format {fmt}: gate writes text or markdown")
+    from infer_bench.compare import comparability
+
+    for warning in comparability(base, cur)[0]:
+        print(f"warning: {warning}", file=sys.stderr)
+    regressed = [d.rule.label for d in decisions if d.regressed]
+    if regressed:
+        raise ThresholdsFailed(f"regression beyond budget and noise: {', '.join(regressed)}")
 
 
 @app.command()

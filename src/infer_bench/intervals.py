@@ -89,12 +89,26 @@ class IntervalLog:
         return {"metrics": list(self.metrics), "windows": [w.to_json() for w in self.windows()]}
 
 
+def recorded(hist: HdrHistogram) -> list[tuple[int, int]]:
+    """(value, count) of every non-empty bucket, lowest first.
+
+    hdrh's own recorded-values iterator walks all 23,552 buckets in Python (about 30 ms a histogram);
+    slicing the ctypes counts array between the min and max buckets is done in C.
+    """
+    if hist.get_total_count() == 0:
+        return []
+    low = hist.get_counts_array_index(hist.get_min_value())
+    high = hist.get_counts_array_index(hist.get_max_value())
+    counts = hist.counts[low : high + 1]
+    return [(hist.get_value_from_index(low + i), c) for i, c in enumerate(counts) if c]
+
+
 def difference(later: HdrHistogram, earlier: HdrHistogram | None) -> HdrHistogram:
     """``later − earlier`` for cumulative snapshots of one histogram (hdrh has no subtraction)."""
     out = new_histogram()
-    for item in later.get_recorded_iterator():
-        value = item.value_iterated_to
-        count = item.count_at_value_iterated_to - (earlier.get_count_at_value(value) if earlier is not None else 0)
+    for value, count in recorded(later):
+        if earlier is not None:
+            count -= earlier.get_count_at_value(value)
         if count > 0:
             out.record_value(value, count)
     return out

@@ -352,6 +352,7 @@ def describe_scenario(scenario: Scenario, url: str) -> dict[str, Any]:
     described: dict[str, Any] = {
         "source": scenario.source,
         "target": url,
+        "target_kind": "reference" if scenario.target == "reference" else "url",
         "reference": scenario.reference,
         "scenarios": _describe(scenario),
         "thresholds": thresholds,
