@@ -48,6 +48,18 @@ class ClassRuntime:
     uses_prompts: bool  # plain HTTP sends a fixed body
     prompts: Iterator[str]
     rng: random.Random
+    # Read once per request: copied out of the spec so the hot path does not walk the model each time.
+    timeout_s: float = field(init=False)
+    read_delay_s: float = field(init=False)
+    reconnect: bool = field(init=False)
+    thinks: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        self.timeout_s = spec.timeout
+        self.read_delay_s = spec.behavior.read_delay
+        self.reconnect = spec.behavior.reconnect
+        self.thinks = spec.think_time.max > 0
 
     def think_s(self) -> float:
         t = self.spec.think_time
@@ -181,14 +193,12 @@ class ScenarioRun:
         measured = intended_ns >= self.measure_from_ns
         tl = self.recorder.timeline(runtime.key, intended_ns, measured)
         prompt = next(runtime.prompts) if runtime.uses_prompts else ""
-        spec = runtime.spec
         self.recorder.started(self.clock(), intended_ns)
         self.progress.in_flight += 1
         try:
             await client.request(
-                tl, prompt, timeout_s=spec.timeout,
-                cancel_after_tokens=runtime.cancel_after(), read_delay_s=spec.behavior.read_delay,
-                reconnect=spec.behavior.reconnect,
+                tl, prompt, timeout_s=runtime.timeout_s, cancel_after_tokens=runtime.cancel_after(),
+                read_delay_s=runtime.read_delay_s, reconnect=runtime.reconnect,
             )  # fmt: skip
         except asyncio.CancelledError:
             self.progress.interrupted += 1
@@ -261,19 +271,26 @@ class ScenarioRun:
         shared_socket = runtime.lanes > 1
         client = runtime.new_client()
         budget_left = [budget] if budget is not None else None  # per VU, shared by its lanes
+        plain = burst == 1 and budget_left is None and shared is None
 
         async def lane() -> None:
             clients = [client] + [client if shared_socket else runtime.new_client() for _ in range(burst - 1)]
             try:
                 while not self.swarm.stopped and self.clock() < deadline and not (retire and retire.is_set()):
                     started = self.clock()
-                    sends = [c for c in clients if _take(budget_left) and _take(shared)]
-                    if not sends:
-                        return
-                    if len(sends) == 1:  # the usual case: no Task per request
-                        await self.iterate(sends[0], runtime, started)
+                    if plain:  # the usual case: one request, no budget, no Task per request
+                        await self.iterate(client, runtime, started)
+                        if not runtime.thinks:
+                            continue
+                        sends = clients
                     else:
-                        await asyncio.gather(*(self.iterate(c, runtime, started) for c in sends))
+                        sends = [c for c in clients if _take(budget_left) and _take(shared)]
+                        if not sends:
+                            return
+                        if len(sends) == 1:
+                            await self.iterate(sends[0], runtime, started)
+                        else:
+                            await asyncio.gather(*(self.iterate(c, runtime, started) for c in sends))
                     pause = behavior.burst_every - (self.clock() - started) / NS if burst > 1 else 0.0
                     pause = max(pause, runtime.think_s())
                     if pause > 0:
