@@ -60,11 +60,18 @@ class StreamGuard:
         metrics = self.state.metrics
         return StreamCounters(metrics.heartbeats.child(self.transport), metrics.slow_warnings.child(self.transport))
 
-    def drop_slow(self) -> None:
-        """One write took longer than ``send_timeout_s``: end the stream as a slow consumer."""
+    def drop_slow(self, *, count: bool = True) -> None:
+        """One write took longer than ``send_timeout_s``: end the stream as a slow consumer.
+
+        ``count=False`` when the caller counts the drop itself (one per WebSocket, not per stream on it).
+        """
         self._dropped = True
-        self.state.metrics.slow_drops.child(self.transport, "send_timeout").inc()
-        if not self.seq.channel.closed:
+        end = self.seq.channel.end
+        if count:
+            # The buffer may have overflowed while the write was stuck: then that is the cause.
+            cause = "buffer_full" if end is not None and end.reason is EndReason.SLOW_CONSUMER else "send_timeout"
+            self.state.metrics.slow_drops.child(self.transport, cause).inc()
+        if end is None:
             self.scheduler.cancel(self.seq, EndReason.SLOW_CONSUMER)
         log.info(
             "dropped a slow %s stream: one write took over %g s", self.transport, self.state.settings.send_timeout_s

@@ -77,6 +77,9 @@ class _Session:
             self.sent_at = anyio.current_time()
         if scope.cancelled_caught and not self.gone:
             self.state.metrics.slow_drops.child("websocket", "send_timeout").inc()
+            for guard in list(self.in_flight.values()):
+                if guard is not None:
+                    guard.drop_slow(count=False)
             await self.close(TRY_AGAIN_LATER, "slow consumer: a send took too long")
         return not self.gone
 
