@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from infer_bench.metrics.recorder import MetricSet, Recorder, tag_key
+from infer_bench.metrics.recorder import HIGHEST_US, MetricSet, Recorder, new_histogram, record_many, tag_key
 from infer_bench.metrics.timeline import GapBuffer, Outcome, Timeline
 from infer_bench.result import headline, summarize
 
@@ -129,3 +131,17 @@ def test_zero_gaps_are_folded_as_a_count_and_every_gap_is_kept() -> None:
     assert itl.get_total_count() == 63  # tokens - 1
     assert itl.get_count_at_value(1) == 62
     assert itl.get_count_at_value(20_000) == 1
+
+
+@given(st.lists(st.integers(-5, HIGHEST_US + 10) | st.sampled_from([0, 1, 2047, 2048, 4095, 4096, HIGHEST_US])))
+def test_bulk_recording_equals_hdrh_record_value(values: list[int]) -> None:
+    one_by_one, bulk = new_histogram(), new_histogram()
+    for value in values:
+        one_by_one.record_value(min(max(value, 1), HIGHEST_US))
+    record_many(bulk, values)
+    assert bulk.encode() == one_by_one.encode()
+    assert (bulk.get_total_count(), bulk.get_min_value(), bulk.get_max_value()) == (
+        one_by_one.get_total_count(),
+        one_by_one.get_min_value(),
+        one_by_one.get_max_value(),
+    )

@@ -1,9 +1,10 @@
 """Timelines → HDR histograms per tag set, outcome counters and a per-second series.
 
 Recording stays off the hot path: a finished request appends a few integers to plain lists (~80 ns
-each); ``flush`` folds those lists into HdrHistograms by counting equal values first, so each distinct
-value costs one ``record_value`` (~1 µs here) rather than each sample. Histograms hold microseconds at
-3 significant digits, from 1 µs to one hour, and are mergeable (they add) across tag sets and processes.
+each); ``flush`` folds those lists into HdrHistograms in bulk (``record_many``: ~0.3 µs a value, where
+hdrh's pure-Python ``record_value`` takes ~0.9 µs), so the 100 ms fold stays near a millisecond at 4,000
+requests/s. Histograms hold microseconds at 3 significant digits, from 1 µs to one hour, and are mergeable
+(they add) across tag sets and processes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,36 @@ def tag_key(**tags: str) -> TagKey:
 
 def new_histogram() -> HdrHistogram:
     return HdrHistogram(1, HIGHEST_US, SIGNIFICANT_DIGITS)
+
+
+# The layout of ``new_histogram()`` that ``record_many`` computes indices for: buckets of 2048 sub-buckets
+# (3 significant digits), the lower half of each above the first shared with the bucket below, unit 1.
+_LAYOUT = (0, 10)  # (unit_magnitude, sub_bucket_half_count_magnitude)
+
+
+def record_many(hist: HdrHistogram, values: list[int]) -> None:
+    """Record ``values`` (µs, clamped to the histogram's range) as ``record_value`` would, in bulk.
+
+    HdrHistogram's index arithmetic (bucket = bit length of ``v | 2047`` − 11; sub-bucket = ``v >> bucket``)
+    runs inline in one comprehension, equal indices are counted once, and the counts are added directly.
+    """
+    if not values:
+        return
+    if (hist.unit_magnitude, hist.sub_bucket_half_count_magnitude) != _LAYOUT:  # not ours: the slow way
+        for value in values:
+            hist.record_value(min(max(value, 1), HIGHEST_US))
+        return
+    low, high = min(values), max(values)
+    if low < 1 or high > HIGHEST_US:
+        values = [min(max(v, 1), HIGHEST_US) for v in values]
+        low, high = min(max(low, 1), HIGHEST_US), min(max(high, 1), HIGHEST_US)
+    counted = Counter([((b := (v | 2047).bit_length() - 11) + 1 << 10) + (v >> b) - 1024 for v in values])
+    counts = hist.counts
+    for index, count in counted.items():
+        counts[index] += count
+    hist.total_count += len(values)
+    hist.min_value = min(hist.min_value, low)
+    hist.max_value = max(hist.max_value, high)
 
 
 class MetricSet:
@@ -86,11 +117,8 @@ class MetricSet:
         for name, values in self._pending.items():
             if not values:
                 continue
-            hist = self.histograms[name]
             divisor = _DIVISORS.get(name, 1000)
-            counted = Counter(values) if divisor == 1 else Counter(v // divisor for v in values)
-            for value, count in counted.items():
-                hist.record_value(min(max(value, 1), HIGHEST_US), count)
+            record_many(self.histograms[name], values if divisor == 1 else [v // divisor for v in values])
             values.clear()
         if zeros := self.gaps.zeros:
             self.histograms["itl"].record_value(1, zeros)  # as every gap under 1 µs: the histogram's floor
