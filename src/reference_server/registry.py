@@ -159,6 +159,8 @@ class ModelRegistry:
         name, _, version = ref.partition("@")
         entry = self.entries.get(name)
         if entry is None:
+            if any(spec.name == name for spec in self.settings.models):
+                raise Overloaded(f"model {name!r} is still loading", reason="model_loading")
             self._missing(kind, ref)
         if entry.kind != kind:
             if kind == "prediction":
@@ -321,10 +323,10 @@ class ModelRegistry:
 
     async def _load(self, spec: ModelSpec) -> Deployment:
         deployment = self._add(spec)
-        await self._load_added(deployment)
+        await self._load_added(deployment, replace=False)  # at startup every listed version stays loaded
         return deployment
 
-    async def _load_added(self, deployment: Deployment) -> None:
+    async def _load_added(self, deployment: Deployment, *, replace: bool = True) -> None:
         spec = deployment.spec
         entry = self.entries[spec.name]
         try:
@@ -348,7 +350,7 @@ class ModelRegistry:
         if previous is not None and previous != spec.version:
             self.metrics.model_swaps.child(spec.name).inc()
             old = entry.versions.get(previous)
-            if old is not None and not entry.split.get(previous):
+            if replace and old is not None and not entry.split.get(previous):
                 self._retire(old)  # an A/B arm stays loaded; a replaced version drains
 
     async def _run_engine(

@@ -23,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import FrameType
 from typing import Any
 
@@ -136,17 +136,25 @@ class ReferenceServer(uvicorn.Server):
                 # uvicorn cancels still-running responses when the grace period ends, before the lifespan
                 # shutdown; end the streams just before that, so clients get an in-band reason.
                 delay = max(0.0, self.config.timeout_graceful_shutdown or 0.0) * 0.9
-                self._loop.call_soon_threadsafe(self._loop.call_later, delay, _abort_streams, state)
+                loop = self._loop
+                loop.call_soon_threadsafe(loop.call_later, delay, _in_task, loop, _abort_streams, state)
         super().handle_exit(sig, frame)
 
     def handle_reload(self, sig: int, frame: FrameType | None) -> None:
         app = self.config.loaded_app if self.config.loaded else None
         state = _state_of(app)
         if state is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(reload_models, state)
+            asyncio.run_coroutine_threadsafe(reload_models(state), self._loop)
 
 
-def reload_models(state: ServerState) -> None:
+def _in_task(
+    loop: asyncio.AbstractEventLoop, work: Callable[[ServerState], Coroutine[Any, Any, None]], state: ServerState
+) -> None:
+    # anyio needs a running task to spawn into task groups; a bare loop callback is not one.
+    loop.create_task(work(state))
+
+
+async def reload_models(state: ServerState) -> None:
     """Re-read the settings file and load the versions it adds (SIGHUP); failures are logged, not fatal."""
     source = state.settings.source
     if source is None:
@@ -161,7 +169,7 @@ def reload_models(state: ServerState) -> None:
         log.warning("SIGHUP: loading model %r version %r", deployment.spec.name, deployment.version)
 
 
-def _abort_streams(state: ServerState) -> None:
+async def _abort_streams(state: ServerState) -> None:
     """End every stream in-band (``shutdown``), then close every WebSocket with 1001."""
     state.registry.abort_all()
     for session in list(state.closers):

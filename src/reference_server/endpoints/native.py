@@ -36,7 +36,8 @@ async def predict(request: Request) -> Response:
             "model_version": result.model_version,
             "batch_size": result.batch_size,
             "queue_ms": round(result.queue_s * 1000, 3),
-        }
+        },
+        headers={"X-Model-Version": result.model_version},
     )
 
 
@@ -63,7 +64,8 @@ async def predict_batch(request: Request) -> Response:
             "outputs": [p.output for p in pending],
             "batch_sizes": [p.batch_size for p in pending],
             "queue_ms": [round(p.queue_s * 1000, 3) for p in pending],
-        }
+        },
+        headers={"X-Model-Version": batcher.model.version},
     )
 
 
