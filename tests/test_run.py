@@ -73,7 +73,11 @@ scenarios:
     assert result["headline"]["succeeded"] == 20
     assert summary["itl"]["count"] == 20 * 11
     assert summary["itl"]["mean"] == pytest.approx(server_mean_ms("inferbench_inter_token_seconds"), abs=1.0)
-    assert summary["ttft"]["mean"] == pytest.approx(server_mean_ms("inferbench_ttft_seconds"), abs=1.5)
+    # From the send, not the schedule: a VU's first request also opens its connection, which the server
+    # cannot see. The margin is a tenth of the 20 ms step, which any miscounted token would exceed: on a
+    # loaded 2-core machine both processes wait for a CPU now and then, and that lands in the difference.
+    assert summary["ttft_sent"]["mean"] == pytest.approx(server_mean_ms("inferbench_ttft_seconds"), abs=2.0)
+    assert summary["ttft"]["mean"] >= summary["ttft_sent"]["mean"]
     assert summary["itl"]["p50"] >= 19.5  # typical gaps cannot beat the 20 ms step (single ones can: jitter)
     assert summary["output_tokens"]["min"] == summary["output_tokens"]["max"] == 12
 

@@ -97,10 +97,13 @@ class Swarm:
     progress: dict[str, ScenarioProgress] = field(default_factory=dict)
     failure: BaseException | None = None  # a bug of ours inside a VU task: it stops the run, loudly
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _sleepers: set[asyncio.Future[None]] = field(default_factory=set)
 
     def stop(self) -> None:
         """Stop now: no new requests, in-flight ones cancelled (the result stays valid, marked partial)."""
         self._stop.set()
+        for sleeper in self._sleepers:
+            _wake(sleeper)
 
     @property
     def stopped(self) -> bool:
@@ -118,16 +121,32 @@ class Swarm:
         await asyncio.sleep(0.01)  # let aborted transports finish closing before the loop does
 
     async def sleep_until(self, due_ns: int) -> bool:
-        """Sleep until ``due_ns`` or a stop; False if stopped."""
+        """Sleep until ``due_ns`` or a stop; False if stopped.
+
+        One future and one timer per sleep (``stop`` wakes every sleeper): the arrival loop sleeps up to
+        1,000 times a second, and ``wait_for`` on the stop event would cost a Task each time.
+        """
         while not self._stop.is_set():
             wait_s = (due_ns - self.clock()) / NS
             if wait_s <= 0:
                 return True
+            loop = asyncio.get_running_loop()
+            sleeper: asyncio.Future[None] = loop.create_future()
+            self._sleepers.add(sleeper)
+            timer = loop.call_later(max(wait_s, MIN_SLEEP_S), _wake, sleeper)
             try:
-                await asyncio.wait_for(self._stop.wait(), max(wait_s, MIN_SLEEP_S))
-            except TimeoutError:
+                await sleeper
+            finally:
+                timer.cancel()
+                self._sleepers.discard(sleeper)
+            if not self._stop.is_set():
                 return True
         return False
+
+
+def _wake(sleeper: asyncio.Future[None]) -> None:
+    if not sleeper.done():
+        sleeper.set_result(None)
 
 
 def _take(budget: list[int] | None) -> bool:
