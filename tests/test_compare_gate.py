@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
+import synthetic
 from infer_bench.compare import compare_results
 from infer_bench.errors import UsageError
 from infer_bench.gate import decide, rules_of
-from infer_bench.intervals import IntervalLog, Window
-from infer_bench.metrics.recorder import MetricSet, new_histogram
+from infer_bench.intervals import IntervalLog
 from infer_bench.noise import Change, Windowed, bootstrap_change, bootstrap_rate_change
-from infer_bench.result import SCHEMA, headline, load_result, summarize
+from infer_bench.result import load_result
 from infer_bench.scenario.gates import GateSyntaxError, parse_gate, parse_gate_option
 
 # --- synthetic runs ---------------------------------------------------------------------------------
@@ -35,12 +35,7 @@ PER_SECOND = 100
 
 
 def noisy_run(rng: random.Random, scale: float = 1.0, seconds: int = SECONDS) -> list[list[float]]:
-    """TTFT samples (ms) per second: lognormal, times a per-second factor, with occasional hiccups."""
-    run = []
-    for _ in range(seconds):
-        factor = scale * rng.lognormvariate(0, 0.08) * (1.5 if rng.random() < 0.05 else 1.0)
-        run.append([factor * rng.lognormvariate(4.6, 0.4) for _ in range(PER_SECOND)])
-    return run
+    return synthetic.noisy_run(rng, scale, seconds, PER_SECOND)
 
 
 def pairs(seed: int, scale: float, count: int) -> list[tuple[Windowed, Windowed]]:
@@ -168,39 +163,13 @@ def test_unreadable_gate_rules(figure: str, budget: str, message: str) -> None:
 # --- result files -----------------------------------------------------------------------------------
 
 
-def make_result(seconds: list[list[float]], *, cpu: str = "test-cpu", tokens_per_request: int = 10) -> dict[str, Any]:
-    """A schema-v2 result whose TTFT windows hold ``seconds`` (ms per request)."""
-    total = MetricSet()
-    log_windows = []
-    for t, samples in enumerate(seconds):
-        hist = new_histogram()
-        for value in samples:
-            hist.record_value(int(value * 1000))
-        total.histograms["ttft"].add(hist)
-        log_windows.append(Window(float(t), float(t + 1), {"ttft": hist}).to_json())
-    requests = sum(len(s) for s in seconds)
-    total.outcomes["completed"] = requests
-    total.tokens = requests * tokens_per_request
-    return {
-        "schema": SCHEMA, "version": 2, "started_at": "2025-01-01T00:00:00+00:00", "duration_s": float(len(seconds)),
-        "status": "complete", "stop_reason": None,
-        "scenario": {"source": "s.yaml", "target": "http://127.0.0.1:1", "target_kind": "reference",
-                     "reference": {}, "scenarios": {"chat": {"vus": 4}}, "thresholds": {}},
-        "environment": {"cpu": cpu, "cpu_count": 2, "python": "3.11", "infer_bench": "0.1.0", "git_revision": "a" * 40},
-        "headline": headline(total, float(len(seconds))), "total": {"summary": summarize(total), "outcomes": {}},
-        "groups": [],
-        "series": [{"t": t, "succeeded": len(s), "tokens": len(s) * tokens_per_request} for t, s in enumerate(seconds)],
-        "intervals": {"metrics": ["ttft"], "windows": log_windows},
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict[str, Any]]:
     rng = random.Random(5)
     return {
-        "baseline": make_result(noisy_run(rng, seconds=30)),
-        "same": make_result(noisy_run(rng, seconds=30)),
-        "slower": make_result(noisy_run(rng, 1.3, seconds=30)),
+        "baseline": synthetic.make_result(noisy_run(rng, seconds=30)),
+        "same": synthetic.make_result(noisy_run(rng, seconds=30)),
+        "slower": synthetic.make_result(noisy_run(rng, 1.3, seconds=30)),
     }
 
 

@@ -90,7 +90,7 @@ class IntervalLog:
 
 
 def recorded(hist: HdrHistogram) -> list[tuple[int, int]]:
-    """(value, count) of every non-empty bucket, lowest first.
+    """(value, count) of every non-empty bucket, lowest first; a bucket's value is its highest, as HDR reports.
 
     hdrh's own recorded-values iterator walks all 23,552 buckets in Python (about 30 ms a histogram);
     slicing the ctypes counts array between the min and max buckets is done in C.
@@ -100,7 +100,8 @@ def recorded(hist: HdrHistogram) -> list[tuple[int, int]]:
     low = hist.get_counts_array_index(hist.get_min_value())
     high = hist.get_counts_array_index(hist.get_max_value())
     counts = hist.counts[low : high + 1]
-    return [(hist.get_value_from_index(low + i), c) for i, c in enumerate(counts) if c]
+    top = hist.get_highest_equivalent_value
+    return [(top(hist.get_value_from_index(low + i)), c) for i, c in enumerate(counts) if c]
 
 
 def difference(later: HdrHistogram, earlier: HdrHistogram | None) -> HdrHistogram:
