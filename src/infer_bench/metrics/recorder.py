@@ -18,6 +18,9 @@ from hdrh.histogram import HdrHistogram
 from infer_bench.metrics.timeline import SUCCESSES, GapBuffer, Outcome, Timeline
 
 HIGHEST_US = 3_600_000_000
+FOLD_EVERY = 32
+"""Requests a tag set buffers before it folds them: ~0.15 ms of work each time, spread evenly over the run,
+where one fold per 100 ms tick at 4,000 requests/s took ~2 ms at once (an event-loop stall every tick)."""
 SIGNIFICANT_DIGITS = 3
 
 METRICS: dict[str, str] = {
@@ -89,8 +92,12 @@ class MetricSet:
         self.tokens = 0
         self.dropped = 0
         self.reconnects = 0
+        self._buffered = 0
 
     def add(self, tl: Timeline) -> None:
+        self._buffered += 1
+        if self._buffered >= FOLD_EVERY:
+            self.flush()
         pending = self._pending
         outcome = tl.outcome or Outcome.DISCONNECTED
         self.outcomes[outcome.value] += 1
@@ -114,6 +121,7 @@ class MetricSet:
 
     def flush(self) -> None:
         """Fold buffered samples into the histograms: nanoseconds become µs, counts stay counts."""
+        self._buffered = 0
         for name, values in self._pending.items():
             if not values:
                 continue
