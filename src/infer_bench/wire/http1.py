@@ -120,9 +120,9 @@ class ResponseParser:
         max_head_bytes: the longest response head (status line and headers) accepted.
         """
         self._max_head = max_head_bytes
+        self._body: list[bytes] = []  # one list for the parser's life: llhttp appends to it directly
         self._parser = self._new_parser()
         self._events: list[ResponseEvent] = []
-        self._body: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._message_open = False  # llhttp began a response and has not completed it
         self._head_done = False
@@ -247,9 +247,6 @@ class ResponseParser:
             if not keep_alive:
                 self._finished = "a response to HEAD with Connection: close"
 
-    def _on_body(self, data: bytes) -> None:
-        self._body.append(data)
-
     def _on_message_complete(self) -> None:
         self._message_open = False
         if self._interim:
@@ -336,7 +333,7 @@ class ResponseParser:
         chunk: BodyChunk = _new_object(BodyChunk)
         _set_body_data(chunk, body[0] if len(body) == 1 else b"".join(body))
         self._events.append(chunk)
-        self._body = []
+        body.clear()
 
     def _fail(self, message: str) -> ProtocolError:
         self._error = ProtocolError(message)
@@ -352,7 +349,7 @@ class _Callbacks:
         self.on_message_begin = parser._on_message_begin
         self.on_header = parser._on_header
         self.on_headers_complete = parser._on_headers_complete
-        self.on_body = parser._on_body
+        self.on_body = parser._body.append  # a C call per HTTP chunk, not a Python frame (64 a stream, often)
         self.on_message_complete = parser._on_message_complete
 
 
