@@ -37,6 +37,7 @@ from reference_server.errors import ConfigError
 from reference_server.settings import ServerSettings, load_settings
 
 SETTINGS_ENV = "INFERBENCH_SERVER_SETTINGS"
+_WS_PROTOCOLS = "uvicorn.protocols.websockets"
 
 log = logging.getLogger("reference_server")
 
@@ -126,17 +127,29 @@ class ReferenceServer(uvicorn.Server):
             if reload_installed:
                 signal.signal(signal.SIGHUP, previous)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn closes every WebSocket with 1012 the moment shutdown starts, which would cut their
+        # streams off with no grace period. Keep them out of that sweep: their tasks still count as
+        # running, so uvicorn waits for them, and each session closes itself (1001) once its streams
+        # have ended — finished, or ended in-band by ``_abort_streams`` at the end of the grace period.
+        websockets = [c for c in self.server_state.connections if type(c).__module__.startswith(_WS_PROTOCOLS)]
+        for connection in websockets:
+            self.server_state.connections.discard(connection)
+        await super().shutdown(sockets)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         app = self.config.loaded_app if self.config.loaded else None
         state = _state_of(app)
         if state is not None and not state.draining:
             state.draining = True
+            state.ready = False
             state.registry.stop_accepting()
             if self._loop is not None:
                 # uvicorn cancels still-running responses when the grace period ends, before the lifespan
                 # shutdown; end the streams just before that, so clients get an in-band reason.
                 delay = max(0.0, self.config.timeout_graceful_shutdown or 0.0) * 0.9
                 loop = self._loop
+                loop.call_soon_threadsafe(_in_task, loop, _drain_websockets, state)
                 loop.call_soon_threadsafe(loop.call_later, delay, _in_task, loop, _abort_streams, state)
         super().handle_exit(sig, frame)
 
@@ -169,11 +182,15 @@ async def reload_models(state: ServerState) -> None:
         log.warning("SIGHUP: loading model %r version %r", deployment.spec.name, deployment.version)
 
 
-async def _abort_streams(state: ServerState) -> None:
-    """End every stream in-band (``shutdown``), then close every WebSocket with 1001."""
-    state.registry.abort_all()
+async def _drain_websockets(state: ServerState) -> None:
+    """Each WebSocket closes with 1001 once its streams have ended (idle ones at once)."""
     for session in list(state.closers):
-        session.tg.start_soon(session.shut_down)
+        session.tg.start_soon(session.drain)
+
+
+async def _abort_streams(state: ServerState) -> None:
+    """The grace period is over: end every stream still running with an in-band ``shutdown``."""
+    state.registry.abort_all()
 
 
 class _QuietDrops(logging.Filter):

@@ -45,7 +45,8 @@ _MESSAGE = TypeAdapter[WsAny](WsMessage)
 
 TRY_AGAIN_LATER = 1013  # RFC 6455 §7.4.1 (IANA registry): overloaded, or this client is too slow
 GOING_AWAY = 1001  # the server is shutting down
-_CLOSE_WAIT_S = 1.0  # at shutdown, how long in-band ends may take before the close frame
+_CLOSE_WAIT_S = 1.0  # the longest a close handshake may take
+_DRAIN_POLL_S = 0.01
 
 
 class _Session:
@@ -235,11 +236,14 @@ class _Session:
             if guard is not None:
                 guard.close()
 
-    async def shut_down(self) -> None:
-        """Server stopping: let the in-band ``shutdown`` ends go out (bounded), then close with 1001."""
-        with anyio.move_on_after(_CLOSE_WAIT_S):
-            while self.in_flight and not self.gone:  # noqa: ASYNC110 - pumps end on their own; a poll is enough here
-                await anyio.sleep(0.01)
+    async def drain(self) -> None:
+        """Server stopping: once every stream of this socket has ended, close it with 1001.
+
+        New requests are refused meanwhile (``overloaded``, ``draining``); at the end of the grace period
+        the server ends what is left with an in-band ``shutdown``, which empties ``in_flight``.
+        """
+        while self.in_flight and not self.gone:  # noqa: ASYNC110 - pumps end on their own; a poll is enough here
+            await anyio.sleep(_DRAIN_POLL_S)
         await self.close(GOING_AWAY, "server shutting down")
 
 
