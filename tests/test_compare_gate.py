@@ -179,7 +179,7 @@ def test_decide_on_result_files(runs: dict[str, dict[str, Any]]) -> None:
     assert [d.regressed for d in same] == [False, False, False]
     slower = decide(runs["baseline"], runs["slower"], rules, resamples=300)
     assert [d.regressed for d in slower] == [True, True, False]
-    assert slower[0].reason.startswith("worse by +")
+    assert slower[0].reason.startswith("worse: +")
     assert "beyond +10%" in slower[0].reason
     assert slower[0].change is not None
     assert slower[0].change.baseline == pytest.approx(runs["baseline"]["total"]["summary"]["ttft"]["p95"], rel=0.01)

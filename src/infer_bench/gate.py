@@ -78,20 +78,18 @@ def decide(
 def _judge(rule: GateRule, change: Change, confidence: float) -> Decision:
     worse = change.change if rule.higher_is_worse else -change.change
     beyond = worse > rule.budget
-    shown = _show(worse, rule.relative)
+    word = "worse" if worse > 0 else "better" if worse < 0 else "unchanged"
+    shown = f"{word}: {_show(change.change, rule.relative)}"
     if change.interval is None:
-        reason = f"worse by {shown}" if worse > 0 else f"better by {_show(-worse, rule.relative)}"
-        return Decision(rule, change, beyond, f"{reason} (no noise estimate: too few windows)")
-    low, high = change.interval if rule.higher_is_worse else (-change.interval[1], -change.interval[0])
-    significant = low > 0
+        return Decision(rule, change, beyond, f"{shown} (no noise estimate: too few windows)")
+    low, high = change.interval
+    significant = (low > 0) if rule.higher_is_worse else (high < 0)
     interval = f"{confidence:.0%} interval {_show(low, rule.relative)} … {_show(high, rule.relative)}"
     if beyond and significant:
-        return Decision(rule, change, True, f"worse by {shown}, beyond {rule.budget_text}; {interval}")
+        return Decision(rule, change, True, f"{shown}, beyond {rule.budget_text}; {interval}")
     if beyond:
-        return Decision(rule, change, False, f"worse by {shown} but within noise; {interval}")
-    return Decision(
-        rule, change, False, f"{'worse' if worse > 0 else 'better'} by {_show(abs(worse), rule.relative)}; {interval}"
-    )
+        return Decision(rule, change, False, f"{shown}, within noise; {interval}")
+    return Decision(rule, change, False, f"{shown}; {interval}")
 
 
 def _show(value: float, relative: bool) -> str:
@@ -146,6 +144,23 @@ def _summary_change(baseline: dict[str, Any], current: dict[str, Any], rule: Gat
 
 
 def _per_second(result: dict[str, Any], field: str) -> list[float]:
-    # The last second is partial (the run ends inside it): leave it out rather than under-count it.
-    series = result.get("series") or []
-    return [float(s.get(field, 0)) for s in series[:-1]]
+    """Whole seconds while the load ran: past every warmup, before any load ended (and not the last,
+    partial second), so ramp-down and graceful stop do not pass for noise."""
+    series = (result.get("series") or [])[:-1]
+    start, end = load_span(result)
+    inside = [s for s in series if s["t"] >= start and s["t"] + 1 <= end]
+    return [float(s.get(field, 0)) for s in (inside if len(inside) >= 2 else series)]
+
+
+def load_span(result: dict[str, Any]) -> tuple[float, float]:
+    """From the end of the latest warmup to the end of the earliest-ending load, in seconds of the run."""
+    start, end = 0.0, float("inf")
+    for spec in (result.get("scenario", {}).get("scenarios") or {}).values():
+        begin = float(spec.get("start_time", 0.0))
+        start = max(start, begin + float(spec.get("warmup", 0.0)))
+        executor = spec.get("executor") or {}
+        if "duration" in executor:
+            end = min(end, begin + float(executor["duration"]))
+        elif executor.get("stages"):
+            end = min(end, begin + sum(float(stage.get("duration", 0.0)) for stage in executor["stages"]))
+    return start, end

@@ -77,7 +77,7 @@ def line_chart(
     marks: Sequence[tuple[float, str]] = (),
 ) -> str:
     """A line chart; ``marks`` are vertical dashed lines at x values with a label (stage boundaries)."""
-    left, right, top, bottom = 58, 16, 28, 44
+    left, right, top, bottom = 58, 34, 28, 44
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(value: float) -> float:
