@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -20,6 +21,7 @@ import pytest
 from polling import wait_until
 from reference_server.scheduler import ContinuousScheduler, Sequence
 from reference_server.serve import EmbeddedServer
+from reference_server.watchdog import SendWatchdog
 from serverkit import stream
 
 pytestmark = pytest.mark.slow
@@ -86,6 +88,27 @@ def read_until_chunked_end(sock: socket.socket) -> bytes:
 
 def stalled_sequence(scheduler: ContinuousScheduler) -> Sequence | None:
     return next((s for s in scheduler.sequences() if s.plan.output_tokens == STALLED_TOKENS), None)
+
+
+class _Sender:
+    def __init__(self, send_started: float | None) -> None:
+        self.send_started = send_started
+        self.stuck = 0
+
+    def send_stuck(self) -> None:
+        self.stuck += 1
+
+
+def test_the_watchdog_tells_only_senders_stuck_in_one_write_past_the_limit_and_only_once() -> None:
+    watchdog = SendWatchdog(timeout_s=5.0)
+    now = time.monotonic()
+    stuck, writing, idle = _Sender(now - 6.0), _Sender(now - 1.0), _Sender(None)
+    for sender in (stuck, writing, idle):
+        watchdog.watch(sender)
+    watchdog.sweep()
+    watchdog.sweep()
+    assert (stuck.stuck, writing.stuck, idle.stuck) == (1, 0, 0)
+    assert len(watchdog) == 2
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def http() -> Iterator[httpx.Client]:
 
 def test_sse_timeout_ends_the_stream_in_band_with_its_kind(http: httpx.Client, start_server: StartServer) -> None:
     server = start_server(
-        models=[ECHO, {"kind": "tokens", "prefill_ms": 3000}], first_token_timeout_s=0.2, sweep_interval_s=0.02,
+        models=[ECHO, {"kind": "tokens", "prefill_ms": 1000}], first_token_timeout_s=0.2, sweep_interval_s=0.02,
         graceful_shutdown_s=1,
     )  # fmt: skip
     got = stream(http, server, {"prompt": PROMPT, "max_tokens": 4})

@@ -24,6 +24,7 @@ from reference_server.resume import ResumeTable
 from reference_server.scheduler import ContinuousScheduler
 from reference_server.settings import ServerSettings
 from reference_server.sweeper import StreamLimits, Sweeper
+from reference_server.watchdog import SendWatchdog
 
 
 def create_app(settings: ServerSettings | None = None) -> Starlette:
@@ -37,10 +38,11 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         max_clients=settings.max_clients_tracked, metrics=metrics, clock=time.monotonic,
     )  # fmt: skip
     resumes = ResumeTable(settings.resume_ttl_s, anyio.current_time)
-    state = ServerState(settings, registry, metrics, admission, resumes, render_metrics=exposition(metrics))
+    watchdog = SendWatchdog(settings.send_timeout_s)
+    state = ServerState(settings, registry, metrics, admission, resumes, watchdog, render_metrics=exposition(metrics))
     state.needs_client = admission.limiter is not None or admission.leases is not None or registry.needs_client()
     limits = StreamLimits(settings.first_token_timeout_s, settings.inactivity_timeout_s, settings.total_timeout_s)
-    sweeper = Sweeper(registry, admission, resumes, limits, settings.sweep_interval_s)
+    sweeper = Sweeper(registry, admission, resumes, limits, settings.sweep_interval_s, also=[watchdog.sweep])
     _register_gauges(state)
 
     routes = [

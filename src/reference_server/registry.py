@@ -119,6 +119,9 @@ class ModelRegistry:
         self._tg: anyio.abc.TaskGroup | None = None
         self._loads = 0
         self._accepting = True
+        # The hot path's answer for a plain name (or None: the default), rebuilt on every state change,
+        # so a /predict costs one dict lookup rather than a walk over versions and splits.
+        self._plain: dict[tuple[Kind, str | None], Engine] = {}
 
     @classmethod
     def from_settings(cls, settings: ServerSettings, metrics: ServerMetrics) -> ModelRegistry:
@@ -141,6 +144,10 @@ class ModelRegistry:
         return bool(self.settings.traffic)
 
     def batcher(self, name: str | None, client: str = "") -> RequestBatcher:
+        fast = self._plain.get(("prediction", name))
+        if fast is not None:
+            assert isinstance(fast, RequestBatcher)
+            return fast
         if name is None:
             entry = next((e for e in self.entries.values() if e.kind == "prediction"), None)
             if entry is None:
@@ -151,6 +158,10 @@ class ModelRegistry:
         return engine
 
     def scheduler(self, name: str | None, client: str = "") -> ContinuousScheduler:
+        fast = self._plain.get(("generation", name))
+        if fast is not None:
+            assert isinstance(fast, ContinuousScheduler)
+            return fast
         engine = self._route(name or self.default_generator, client, "generation")
         assert isinstance(engine, ContinuousScheduler)
         return engine
@@ -201,6 +212,25 @@ class ModelRegistry:
             if point < 0:
                 return deployment
         return weighted[-1][0]
+
+    def _refresh(self) -> None:
+        """Rebuild the plain-name routes after a version changed state."""
+        plain: dict[tuple[Kind, str | None], Engine] = {}
+        for entry in self.entries.values():
+            serving = entry.versions.get(entry.serving or "")
+            if entry.split or serving is None or serving.state is not ModelState.READY:
+                continue  # routed the slow way: by client, or to a loading or draining model
+            plain[(entry.kind, entry.name)] = serving.engine
+        first_prediction = next((e.name for e in self.entries.values() if e.kind == "prediction"), None)
+        defaults: list[tuple[Kind, str | None]] = [
+            ("prediction", first_prediction),
+            ("generation", self.default_generator),
+        ]
+        for kind, default in defaults:
+            engine = plain.get((kind, default))
+            if engine is not None:
+                plain[(kind, None)] = engine
+        self._plain = plain
 
     def _missing(self, kind: Kind, name: str | None) -> NoReturn:
         have = sorted(e.name for e in self.entries.values() if e.kind == kind)
@@ -311,6 +341,7 @@ class ModelRegistry:
             entry.serving = max(others, key=lambda d: d.loaded_order).version
             self.metrics.model_swaps.child(name).inc()
         self._retire(found)
+        self._refresh()
         return found
 
     def _add(self, spec: ModelSpec) -> Deployment:
@@ -335,6 +366,7 @@ class ModelRegistry:
             deployment.state = ModelState.FAILED
             deployment.error = str(exc)
             del entry.versions[spec.version]
+            self._refresh()
             entry.failures = [*entry.failures[-4:], deployment]
             self.metrics.model_loads.child(spec.name, "failed").inc()
             log.warning("loading model %r version %r failed: %s", spec.name, spec.version, exc)
@@ -352,6 +384,7 @@ class ModelRegistry:
             old = entry.versions.get(previous)
             if replace and old is not None and not entry.split.get(previous):
                 self._retire(old)  # an A/B arm stays loaded; a replaced version drains
+        self._refresh()
 
     async def _run_engine(
         self, deployment: Deployment, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -377,6 +410,7 @@ class ModelRegistry:
         entry = self.entries[deployment.spec.name]
         if entry.versions.get(deployment.version) is deployment:
             del entry.versions[deployment.version]
+        self._refresh()
 
     def stop_accepting(self) -> None:
         self._accepting = False

@@ -1,4 +1,5 @@
-"""The sweeper: one background task that ends streams past their time limits and reclaims leases.
+"""The sweeper: one background task that ends streams past their time limits, reclaims leases and
+expired resume entries, and runs the send watchdog.
 
 Three limits per stream, each optional: the first token (from enqueue, queued time included), the gap
 between tokens, and the whole stream. A stream past one ends at once with an in-band ``timeout`` and
@@ -9,6 +10,7 @@ within ``sweep_interval_s`` of its deadline.
 
 from __future__ import annotations
 
+import collections.abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +55,7 @@ class Sweeper:
         limits: StreamLimits,
         interval_s: float,
         clock: Clock = anyio.current_time,
+        also: collections.abc.Sequence[Callable[[float], object]] = (),
     ) -> None:
         self._registry = registry
         self._admission = admission
@@ -60,6 +63,7 @@ class Sweeper:
         self.limits = limits
         self.interval_s = interval_s
         self._clock = clock
+        self._also = also  # more periodic checks (the send watchdog), called with ``now``
 
     def sweep(self, now: float) -> int:
         """End every stream past a limit at ``now``; reclaim lapsed leases and resume entries."""
@@ -73,6 +77,8 @@ class Sweeper:
                         ended += 1
         self._admission.sweep()
         self._resumes.sweep(now)
+        for check in self._also:
+            check(now)
         return ended
 
     async def run(self) -> None:

@@ -16,6 +16,7 @@ from reference_server.metrics import ServerMetrics
 from reference_server.registry import ModelRegistry
 from reference_server.resume import ResumeTable
 from reference_server.settings import ServerSettings
+from reference_server.watchdog import SendWatchdog
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -27,6 +28,7 @@ class ServerState:
     metrics: ServerMetrics
     admission: Admission
     resumes: ResumeTable
+    watchdog: SendWatchdog
     ready: bool = False
     draining: bool = False
     render_metrics: Any = field(default=None, repr=False)

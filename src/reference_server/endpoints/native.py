@@ -90,7 +90,7 @@ def _sse(state: ServerState, guard: StreamGuard, request_id: str, replay: list[T
         counters=guard.counters, replay=replay,
     )  # fmt: skip
     headers = {"X-Request-Id": request_id, "X-Model-Version": guard.seq.model_version}
-    return SseResponse(events, guard, headers, settings.send_timeout_s)
+    return SseResponse(events, guard, headers, state.watchdog)
 
 
 async def _resume(state: ServerState, client: str, last_event_id: str) -> Response:
@@ -148,7 +148,7 @@ def _sse_error(state: ServerState, code: str, message: str) -> Response:
     async def events() -> AsyncIterator[bytes]:
         yield b"retry: %d\n\n" % state.settings.sse_retry_ms + error_event(code, message)
 
-    return SseResponse(events(), None, {}, state.settings.send_timeout_s)
+    return SseResponse(events(), None, {}, state.watchdog)
 
 
 def _header_request_id(request: Request) -> str | None:

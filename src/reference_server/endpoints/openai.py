@@ -80,7 +80,7 @@ async def _generate(
     headers = {"X-Model-Version": seq.model_version}
     if stream:
         events = _stream(seq, shape, include_usage, state.settings.heartbeat_s, guard.counters)
-        return SseResponse(events, guard, headers, state.settings.send_timeout_s)
+        return SseResponse(events, guard, headers, state.watchdog)
     try:
         texts, end = await _collect_unless_disconnected(request, seq)
         guard.complete = True

@@ -11,6 +11,7 @@ never started to stream.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import anyio
@@ -24,6 +25,7 @@ from reference_server.errors import Conflict, RequestError
 from reference_server.resume import Resumable
 from reference_server.scheduler import ContinuousScheduler, GenerationRequest, Sequence
 from reference_server.streams import StreamCounters
+from reference_server.watchdog import SendWatchdog
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -126,30 +128,41 @@ def open_stream(
 
 
 class SseResponse(StreamingResponse):
-    """A streaming response whose writes each have a deadline, and whose guard is always closed."""
+    """A streaming response whose writes are watched for a deadline, and whose guard is always closed."""
 
     def __init__(
-        self, events: AsyncIterator[bytes], guard: StreamGuard | None, headers: dict[str, str], send_timeout_s: float
+        self, events: AsyncIterator[bytes], guard: StreamGuard | None, headers: dict[str, str], watchdog: SendWatchdog
     ) -> None:
         super().__init__(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         self.guard = guard
-        self.send_timeout_s = send_timeout_s
+        self.watchdog = watchdog
+        self.send_started: float | None = None
+        self._scope: anyio.CancelScope | None = None
+
+    def send_stuck(self) -> None:
+        """The client stopped reading: drop the stream. The response stays incomplete, so uvicorn closes
+        the connection; the generation ends at the next step."""
+        if self.guard is not None:
+            self.guard.drop_slow()
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for chunk in self.body_iterator:
-            assert isinstance(chunk, bytes)
-            with anyio.move_on_after(self.send_timeout_s) as scope:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if scope.cancelled_caught:
-                # The client stopped reading. The response stays incomplete, so uvicorn closes the
-                # connection: that is the drop. The generation ends at the next step.
+        clock = time.monotonic
+        with anyio.CancelScope() as self._scope:
+            self.watchdog.watch(self)
+            try:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    assert isinstance(chunk, bytes)
+                    self.send_started = clock()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    self.send_started = None
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
                 if self.guard is not None:
-                    self.guard.drop_slow()
-                return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if self.guard is not None:
-            self.guard.complete = True
+                    self.guard.complete = True
+            finally:
+                self.watchdog.unwatch(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -13,6 +13,7 @@ uvicorn (``ws_ping_interval_s``) find dead peers, whose generations are then can
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import anyio
@@ -56,7 +57,10 @@ class _Session:
         self.tg = tg
         self.lock = anyio.Lock()
         self.in_flight: dict[str, StreamGuard | None] = {}
-        self.gone = False
+        self.gone = False  # the peer went away, or we closed
+        self.closed = False  # we sent a close
+        self.slow = False  # dropped as a slow consumer
+        self.send_started: float | None = None  # for the send watchdog
         self.client = client_of(websocket) if state.needs_client else ""
         self.sent_at = anyio.current_time()
         self.pings = 0
@@ -64,31 +68,38 @@ class _Session:
     async def send(self, message: dict[str, Any]) -> bool:
         """Send one message; False once the peer is gone (a failed send is a disconnect, not an error).
 
-        A send that takes longer than ``send_timeout_s`` drops the client as a slow consumer (1013).
+        The send watchdog drops the socket as a slow consumer (1013) if one send takes longer than
+        ``send_timeout_s``.
         """
         if self.gone:
             return False
         data = orjson.dumps(message).decode()
         async with self.lock:
+            self.send_started = time.monotonic()
             try:
-                with anyio.move_on_after(self.state.settings.send_timeout_s) as scope:
-                    await self.ws.send_text(data)
+                await self.ws.send_text(data)
             except (WebSocketDisconnect, OSError, RuntimeError):  # RuntimeError: Starlette, after close
                 self.gone = True
+            finally:
+                self.send_started = None
             self.sent_at = anyio.current_time()
-        if scope.cancelled_caught and not self.gone:
-            self.state.metrics.slow_drops.child("websocket", "send_timeout").inc()
-            for guard in list(self.in_flight.values()):
-                if guard is not None:
-                    guard.drop_slow(count=False)
-            await self.close(TRY_AGAIN_LATER, "slow consumer: a send took too long")
         return not self.gone
+
+    def send_stuck(self) -> None:
+        """A send took longer than ``send_timeout_s``: end this socket's streams as slow consumers and
+        stop the session; the endpoint then closes the socket with 1013."""
+        self.slow = True
+        self.state.metrics.slow_drops.child("websocket", "send_timeout").inc()
+        for guard in list(self.in_flight.values()):
+            if guard is not None:
+                guard.drop_slow(count=False)
+        self.tg.cancel_scope.cancel()
 
     async def close(self, code: int, reason: str) -> None:
         """Close the socket (at most once) and cancel what it still has in flight."""
-        if self.gone:
+        if self.closed:
             return
-        self.gone = True
+        self.closed = self.gone = True
         self.cancel_all()
         with (
             anyio.move_on_after(_CLOSE_WAIT_S),
@@ -280,6 +291,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         async with anyio.create_task_group() as tg:
             session = _Session(websocket, state, tg)
             state.closers.add(session)
+            state.watchdog.watch(session)
             tg.start_soon(session.heartbeat)
             try:
                 while not session.gone:
@@ -303,4 +315,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if session is not None:
             session.cancel_all()
             state.closers.discard(session)
+            state.watchdog.unwatch(session)
+            if session.slow:
+                await session.close(TRY_AGAIN_LATER, "slow consumer: a send took too long")
         state.metrics.connection_closed("websocket")
