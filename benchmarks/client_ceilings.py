@@ -53,6 +53,11 @@ Profiling
 
 Usage
     .venv/bin/python benchmarks/client_ceilings.py [--duration 10] [--repeats 3] [--src DIR] [--profile DIR]
+        [--fifo]
+
+    ``--fifo`` runs every target and client (and wrk) under SCHED_FIFO, so that other processes on a shared
+    machine wait for them: their measurements then no longer depend on what else runs (each process is
+    bounded in time and never busy-waits, so nothing starves for long). It needs root or CAP_SYS_NICE.
 
     ``--src DIR`` runs the client from another source tree (PYTHONPATH), e.g. a ``git archive`` of a commit,
     to compare revisions. Requires Linux, two CPUs, ``taskset``, ``wrk`` and ``nginx``
@@ -260,7 +265,7 @@ def running(name: str, argv: list[str], port: int, cpu: int, workdir: Path) -> I
     """Start ``argv`` pinned to ``cpu``, yield once ``GET /healthz`` answers, and always stop it by PID."""
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(pinned(cpu, argv), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(placed(cpu, argv), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, port, log)
         print(f"  {name}: pid {proc.pid}, port {port}, pinned to CPU {cpu}", flush=True)
@@ -365,7 +370,7 @@ class Clients:
         argv.append(f"http://{HOST}:{target.port}/predict")
         meter = Meter(target.pid, args.target_cpu, args.client_cpu)
         done = subprocess.run(
-            pinned(args.client_cpu, argv), capture_output=True, text=True, timeout=args.duration + CLIENT_GRACE_S
+            placed(args.client_cpu, argv), capture_output=True, text=True, timeout=args.duration + CLIENT_GRACE_S
         )
         window = meter.finish()
         if done.returncode != 0:
@@ -383,7 +388,7 @@ class Clients:
         argv = [sys.executable, "-m", "infer_bench.cli", "run", str(path), "--quiet", "-o", str(out)]
         meter = Meter(target.pid, args.target_cpu, args.client_cpu)
         with log.open("wb") as sink:
-            proc = subprocess.Popen(pinned(args.client_cpu, argv), stdout=sink, stderr=subprocess.STDOUT, env=self.env)
+            proc = subprocess.Popen(placed(args.client_cpu, argv), stdout=sink, stderr=subprocess.STDOUT, env=self.env)
         try:
             with self._profiled(proc, profile_as):
                 proc.wait(timeout=args.duration + GRACEFUL_STOP_S + CLIENT_GRACE_S)
@@ -699,6 +704,14 @@ def _frame_name(frame: str, with_line: bool = False) -> str:
 # --- driver ---------------------------------------------------------------------------------------
 
 
+FIFO_PREFIX: list[str] = []  # set by --fifo: targets and clients run under ``chrt -f 50``
+
+
+def placed(cpu: int, argv: list[str]) -> list[str]:
+    """``argv`` pinned to ``cpu`` (and real-time with --fifo); chrt and taskset exec, so the PID is argv's own."""
+    return [*FIFO_PREFIX, *pinned(cpu, argv)]
+
+
 def check_tools(args: argparse.Namespace) -> None:
     for tool, package in (("wrk", "wrk"), ("nginx", "nginx"), ("taskset", "util-linux")):
         install = f"apt-get install {package}"
@@ -709,6 +722,10 @@ def check_tools(args: argparse.Namespace) -> None:
         raise BenchmarkError(f"need two distinct usable CPUs for target and client, have {sorted(usable)}")
     if args.profile is not None and not (Path(sys.executable).parent / "py-spy").exists():
         raise BenchmarkError("--profile needs py-spy in the venv (pip install py-spy)")
+    if args.fifo:
+        if subprocess.run(["chrt", "-f", "50", "true"], capture_output=True).returncode != 0:
+            raise BenchmarkError("--fifo needs permission to use SCHED_FIFO (root or CAP_SYS_NICE)")
+        FIFO_PREFIX[:] = ["chrt", "-f", "50"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -721,6 +738,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of the client")
     parser.add_argument("--skip-http", action="store_true", help="leave out the HTTP part")
     parser.add_argument("--skip-websocket", action="store_true", help="leave out the WebSocket ceiling")
+    parser.add_argument(
+        "--fifo", action="store_true",
+        help="run targets, wrk and clients under SCHED_FIFO (chrt -f 50): other work on a shared machine "
+        "then waits for them instead of the other way round",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.duration < WARMUP_S + 2 or args.repeats < 1:
         parser.error(f"--duration must be at least {WARMUP_S + 2} and --repeats at least 1")
