@@ -190,6 +190,20 @@ def test_sse_resume_of_an_unknown_stream_is_an_error_event_and_a_bad_id_a_400(
     assert bad.json()["field"] == "Last-Event-ID"
 
 
+def test_sse_only_the_same_client_may_resume_a_stream(http: httpx.Client, start_server: StartServer) -> None:
+    server = start_server(models=[ECHO, SLOW_TOKENS], graceful_shutdown_s=1)
+    mine = {"X-Client-Id": "me"}
+    with http.stream("POST", server.url + "/v1/stream", json={**BODY, "request_id": "r3"}, headers=mine) as r:
+        next(b for b in sse_blocks(r.iter_raw()) if b.event == "token")
+    wait_until(lambda: server.state.metrics.aborts.child("sse", "disconnect").value == 1)
+    theirs = {"Last-Event-ID": "r3:0", "X-Client-Id": "someone-else"}
+    with http.stream("POST", server.url + "/v1/stream", json=BODY, headers=theirs) as r:
+        (error,) = [b for b in sse_blocks(r.iter_raw()) if b.event]
+    assert error.json()["error"] == "resume_unavailable"
+    with http.stream("POST", server.url + "/v1/stream", json=BODY, headers={**mine, "Last-Event-ID": "r3:0"}) as r:
+        assert [b for b in sse_blocks(r.iter_raw()) if b.event][-1].event == "done"
+
+
 def test_sse_a_request_id_already_streaming_is_a_409(http: httpx.Client, start_server: StartServer) -> None:
     server = start_server(models=[ECHO, SLOW_TOKENS], graceful_shutdown_s=1)
     with http.stream("POST", server.url + "/v1/stream", json={**BODY, "max_tokens": 4096, "request_id": "dup"}) as r:

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from reference_server.batcher import ModelFailed
 from reference_server.channels import Token
-from reference_server.endpoints.common import JSONResponse, ServerState, admit, read_json, state_of
+from reference_server.endpoints.common import JSONResponse, ServerState, admit, client_of, read_json, state_of
 from reference_server.endpoints.streaming import SseResponse, StreamGuard, open_stream
 from reference_server.errors import Conflict, InvalidRequest, RequestError
 from reference_server.resume import Resumable, ResumeUnavailable, parse_event_id
@@ -71,7 +71,7 @@ async def predict_batch(request: Request) -> Response:
 
 async def stream(request: Request) -> Response:
     state = state_of(request)
-    client = admit(request, state)
+    client = admit(request, state) or client_of(request)  # a stream is resumable by its own client only
     body = await read_json(request, GenerateRequest, state.settings.max_body_bytes)
     last_event_id = request.headers.get("last-event-id")
     if last_event_id is not None:

@@ -61,7 +61,7 @@ class _Session:
         self.closed = False  # we sent a close
         self.slow = False  # dropped as a slow consumer
         self.send_started: float | None = None  # for the send watchdog
-        self.client = client_of(websocket) if state.needs_client else ""
+        self.client = client_of(websocket)  # once per socket: limits, A/B routing, and who may resume
         self.sent_at = anyio.current_time()
         self.pings = 0
 
@@ -142,8 +142,7 @@ class _Session:
 
     def _start(self, msg: WsGenerate | WsResume | Any) -> None:
         state = self.state
-        if self.client:
-            state.admission.check_rate(self.client)
+        state.admission.check_rate(self.client)
         if isinstance(msg, WsGenerate):
             scheduler = state.registry.scheduler(msg.model, self.client)
             request = GenerationRequest(msg.prompt, msg.max_tokens, msg.seed)
