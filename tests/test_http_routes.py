@@ -113,6 +113,22 @@ def test_readiness_is_red_before_startup() -> None:
     assert client.get("/readyz").status_code == 503
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param("/predict", {"input": 1}, id="predict"),
+        pytest.param("/v1/stream", {"prompt": "x"}, id="stream"),
+        pytest.param("/v1/completions", {"model": "tokens", "prompt": "x"}, id="openai"),
+    ],
+)
+def test_requests_before_the_models_are_loaded_get_503_model_loading(path: str, body: dict[str, Any]) -> None:
+    client = TestClient(create_app())  # lifespan not entered: nothing loaded yet
+    response = client.post(path, json=body)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "loading" in response.text  # native: reason model_loading; OpenAI: the message says so
+
+
 def test_metrics_expose_the_documented_families(client: TestClient) -> None:
     client.post("/predict", json={"input": 1})
     client.post("/v1/stream", json={"prompt": "a b", "max_tokens": 3})

@@ -148,11 +148,10 @@ class ModelRegistry:
         if fast is not None:
             assert isinstance(fast, RequestBatcher)
             return fast
-        if name is None:
-            entry = next((e for e in self.entries.values() if e.kind == "prediction"), None)
-            if entry is None:
+        if name is None:  # the first prediction model listed
+            name = next((m.name for m in self.settings.models if isinstance(m, EchoModelSpec)), None)
+            if name is None:
                 self._missing("prediction", name)
-            name = entry.name
         engine = self._route(name, client, "prediction")
         assert isinstance(engine, RequestBatcher)
         return engine
@@ -171,6 +170,7 @@ class ModelRegistry:
         entry = self.entries.get(name)
         if entry is None:
             if any(spec.name == name for spec in self.settings.models):
+                self.metrics.rejections.child("model_loading").inc()
                 raise Overloaded(f"model {name!r} is still loading", reason="model_loading")
             self._missing(kind, ref)
         if entry.kind != kind:
@@ -182,6 +182,7 @@ class ModelRegistry:
         ready = entry.ready()
         if not ready:
             reason = "draining" if not self._accepting else "model_loading"
+            self.metrics.rejections.child(reason).inc()
             raise Overloaded(f"model {name!r} has no version ready yet", reason=reason)
         if version == LATEST:
             return max(ready, key=lambda d: d.loaded_order).engine
