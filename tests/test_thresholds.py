@@ -218,3 +218,17 @@ def test_cli_exit_codes_for_thresholds(target: str, tmp_path: Path) -> None:
     )
     assert skipped.returncode == 0, skipped.stderr
     assert "thresholds" not in skipped.stdout
+
+
+def test_the_ci_examples_validate() -> None:
+    """The scenario of docs/ci.md and its shortened copy in reports/ stay valid as the format evolves."""
+    import re
+
+    root = Path(__file__).parent.parent
+    docs = (root / "docs" / "ci.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(# ci/load.yaml\n.*?)```", docs, re.DOTALL)
+    assert block is not None
+    for text in (block[1], (root / "reports" / "ci-load.yaml").read_text(encoding="utf-8")):
+        scenario = parse_scenario(text, env={})
+        assert scenario.thresholds
+        assert [rule.figure for rule in scenario.gates] == ["ttft.p95", "itl.p50", "throughput"]

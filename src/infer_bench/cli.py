@@ -227,6 +227,10 @@ def validate(
     for name, s in spec.scenarios.items():
         classes = ", ".join(f"{c.name} ({c.protocol}, weight {c.weight:g})" for c in s.classes)
         print(f"{scenario}: {name}: {s.executor.kind}, {s.executor.total_duration():g} s; classes: {classes}")
+    if spec.thresholds:
+        print(f"{scenario}: thresholds: {'; '.join(t.label for t in spec.thresholds)}")
+    if spec.gates:
+        print(f"{scenario}: gates: {', '.join(rule.label for rule in spec.gates)}")
     print(f"{scenario}: valid")
 
 

@@ -105,13 +105,29 @@ def recorded(hist: HdrHistogram) -> list[tuple[int, int]]:
 
 
 def difference(later: HdrHistogram, earlier: HdrHistogram | None) -> HdrHistogram:
-    """``later − earlier`` for cumulative snapshots of one histogram (hdrh has no subtraction)."""
+    """``later − earlier`` for cumulative snapshots of one histogram (hdrh has no subtraction).
+
+    Works on the counts arrays between the later histogram's min and max buckets (sliced in C); a
+    per-value walk cost ~5 µs a bucket, seconds for a minute of wide ITL histograms.
+    """
     out = new_histogram()
-    for value, count in recorded(later):
-        if earlier is not None:
-            count -= earlier.get_count_at_value(value)
-        if count > 0:
-            out.record_value(value, count)
+    if later.get_total_count() == 0:
+        return out
+    low = later.get_counts_array_index(later.get_min_value())
+    high = later.get_counts_array_index(later.get_max_value())
+    after = later.counts[low : high + 1]
+    before = earlier.counts[low : high + 1] if earlier is not None else [0] * len(after)
+    first = last = -1
+    total = 0
+    counts = out.counts
+    for offset, (a, b) in enumerate(zip(after, before, strict=True)):
+        if a > b:
+            counts[low + offset] = a - b
+            total += a - b
+            if first < 0:
+                first = low + offset
+            last = low + offset
+    out.set_internal_tacking_values(first, last, total)
     return out
 
 
