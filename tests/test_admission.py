@@ -41,19 +41,20 @@ def http() -> Iterator[httpx.Client]:
 @pytest.mark.parametrize(
     ("headers", "peer", "expected"),
     [
-        pytest.param({"x-client-id": "alice", "x-api-key": "k"}, "10.0.0.1", "id:alice", id="header-wins"),
-        pytest.param({"x-api-key": "secret"}, "10.0.0.1", None, id="api-key-digest"),
-        pytest.param({"authorization": "Bearer secret"}, "10.0.0.1", None, id="bearer-same-digest"),
-        pytest.param({}, "10.0.0.1", "peer:10.0.0.1", id="peer-address"),
-        pytest.param({}, None, "peer:unknown", id="no-peer"),
+        pytest.param([(b"x-api-key", b"k"), (b"x-client-id", b"alice")], "10.0.0.1", "id:alice", id="header-wins"),
+        pytest.param([(b"x-api-key", b"secret")], "10.0.0.1", None, id="api-key-digest"),
+        pytest.param([(b"authorization", b"Bearer secret")], "10.0.0.1", None, id="bearer-same-digest"),
+        pytest.param([(b"authorization", b"Basic eDp5")], "10.0.0.1", "peer:10.0.0.1", id="not-a-bearer"),
+        pytest.param([], "10.0.0.1", "peer:10.0.0.1", id="peer-address"),
+        pytest.param([], None, "peer:unknown", id="no-peer"),
     ],
 )
 def test_client_identity_prefers_the_header_then_the_api_key_then_the_peer(
-    headers: dict[str, str], peer: str | None, expected: str | None
+    headers: list[tuple[bytes, bytes]], peer: str | None, expected: str | None
 ) -> None:
     got = client_identity(headers, peer)
     if expected is None:  # an API key is kept only as a digest, the same for either header
-        assert got == client_identity({"x-api-key": "secret"}, None)
+        assert got == client_identity([(b"x-api-key", b"secret")], None)
         assert got.startswith("key:")
         assert "secret" not in got
     else:

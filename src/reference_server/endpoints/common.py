@@ -44,7 +44,9 @@ def state_of(request: HTTPConnection) -> ServerState:
 
 def client_of(conn: HTTPConnection) -> str:
     """The client's identity (see ``admission.client_identity``)."""
-    return client_identity(conn.headers, conn.client.host if conn.client else None)
+    scope = conn.scope
+    peer = scope.get("client")
+    return client_identity(scope["headers"], peer[0] if peer else None)
 
 
 def admit(request: HTTPConnection, state: ServerState) -> str:
