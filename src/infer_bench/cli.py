@@ -367,6 +367,51 @@ def gate(
 
 
 @app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep file (YAML): scenario, grid of server settings, loads")],
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for ${KEY} in the files")] = None,
+) -> None:
+    """Run a scenario against every setting of a grid and load: the table, frontier and recommended setting.
+
+    Results go to the sweep directory (one file per cell, sweep.json, sweep.html); cells already done are
+    kept, so an interrupted sweep resumes. Exit 1 when no setting kept the scenario's thresholds.
+    """
+    from rich.console import Console
+
+    from infer_bench.scenario import load_scenario
+    from infer_bench.sweep import SweepRunner, check_scenario, load_sweep
+    from infer_bench.sweep.execute import check_settings
+    from infer_bench.sweep.report import print_sweep, render_sweep_html
+
+    variables = _env(env or [])
+    plan = load_sweep(sweep_file, variables)
+    scenario = load_scenario(plan.scenario_path, variables)
+    check_scenario(scenario, plan)
+    check_settings(scenario, plan)
+    console = Console(stderr=True)
+    cells = len(plan.settings) * len(plan.loads)
+    console.print(
+        f"[bold]sweep[/] {len(plan.settings)} setting(s) × {len(plan.loads)} load(s) = {cells} cell(s)"
+        + (" + a capacity search per setting" if plan.capacity else "")
+        + f" → {plan.out_dir}",
+        highlight=False,
+    )
+
+    def progress(line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+    result = SweepRunner(plan, scenario, progress=progress).run()
+    summary = result.to_json(plan)
+    (plan.out_dir / "sweep.html").write_text(render_sweep_html(summary), encoding="utf-8")
+    print_sweep(summary, Console() if sys.stdout.isatty() else Console(width=140))
+    console.print(f"[dim]results in {plan.out_dir} (sweep.json, sweep.html, cells/)[/]")
+    if result.interrupted:
+        raise RunAborted(f"the sweep was interrupted; finished cells are kept in {plan.out_dir}")
+    if summary["recommendation"] is None:
+        raise ThresholdsFailed("no setting kept the scenario's thresholds at any load")
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of scenario files, for editor autocompletion."""
     import json

@@ -34,7 +34,7 @@ OUTCOME_COLORS = {
     "connect_error": "#c92a2a", "http_error": "#a61e4d", "rate_limited": "#8e5ac8", "stream_error": "#d44a9a",
     "timed_out": "#7d5a45", "protocol_error": "#343a40",
 }  # fmt: skip
-_CSS = """
+CSS = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;margin:24px auto;max-width:1340px;padding:0 16px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;margin:6px 0 12px}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
@@ -85,7 +85,7 @@ def render_html(results: list[dict[str, Any]]) -> str:
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         # Nothing may load from anywhere: a report must open offline, and a browser logs any attempt.
         "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-        f"<title>infer-bench · {escape(', '.join(names))}</title><style>{_CSS}</style></head><body>"
+        f"<title>infer-bench · {escape(', '.join(names))}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )

@@ -7,6 +7,7 @@ because then its own measurements are no longer trustworthy.
 
 from __future__ import annotations
 
+import bisect
 import time
 from typing import Any
 
@@ -22,26 +23,67 @@ from infer_bench.swarm import NS, Swarm
 WINDOW_S = 5
 
 
-def _recent(recorder: Recorder) -> dict[str, Any]:
-    """Totals over the last complete seconds of the series."""
-    done = recorder.series[:-1][-WINDOW_S:]
-    seconds = max(len(done), 1)
-    ttft = sorted(v for s in done for v in s.ttft_us)
-    return {
-        "rate": sum(s.succeeded + s.failed for s in done) / seconds,
-        "failed": sum(s.failed for s in done),
-        "dropped": sum(s.dropped for s in done),
-        "tokens": sum(s.tokens for s in done) / seconds,
-        "p50": ttft[len(ttft) // 2] / 1000 if ttft else None,
-        "p99": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))] / 1000 if ttft else None,
-    }
+class RecentWindow:
+    """Totals over the last complete seconds, recomputed only when another second completes.
+
+    The view refreshes on the event loop that times every token, so it must stay cheap: each second's TTFT
+    list is sorted once, when the second completes, and the window's percentiles come from a binary search
+    over those sorted lists (~50 µs) rather than from sorting 5 s of samples again (~2.5 ms at 4,000/s).
+    """
+
+    def __init__(self) -> None:
+        self._sorted: dict[int, list[int]] = {}
+        self._complete = -1
+        self._figures: dict[str, Any] = {}
+
+    def __call__(self, recorder: Recorder) -> dict[str, Any]:
+        complete = len(recorder.series) - 1
+        if complete != self._complete:
+            self._complete = complete
+            self._figures = self._compute(recorder.series[:-1][-WINDOW_S:])
+        return self._figures
+
+    def _compute(self, done: list[Any]) -> dict[str, Any]:
+        seconds = max(len(done), 1)
+        lists = []
+        for sec in done:
+            if sec.t not in self._sorted:
+                self._sorted[sec.t] = sorted(sec.ttft_us)
+            lists.append(self._sorted[sec.t])
+        for t in [t for t in self._sorted if done and t < done[0].t]:
+            del self._sorted[t]
+        return {
+            "rate": sum(s.succeeded + s.failed for s in done) / seconds,
+            "failed": sum(s.failed for s in done),
+            "dropped": sum(s.dropped for s in done),
+            "tokens": sum(s.tokens for s in done) / seconds,
+            "p50": _percentile_ms(lists, 0.50),
+            "p99": _percentile_ms(lists, 0.99),
+        }
+
+
+def _percentile_ms(lists: list[list[int]], q: float) -> float | None:
+    """The value at rank ``int(q * n)`` of the sorted lists taken together (µs in, ms out)."""
+    total = sum(map(len, lists))
+    if not total:
+        return None
+    rank = min(total - 1, int(total * q)) + 1  # how many values must be <= the answer
+    low = min(values[0] for values in lists if values)
+    high = max(values[-1] for values in lists if values)
+    while low < high:
+        middle = (low + high) // 2
+        if sum(bisect.bisect_right(values, middle) for values in lists) >= rank:
+            high = middle
+        else:
+            low = middle + 1
+    return low / 1000
 
 
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:,.1f} ms"
 
 
-def render(swarm: Swarm, recorder: Recorder, state: RunState) -> Group:
+def render(swarm: Swarm, recorder: Recorder, state: RunState, recent: dict[str, Any]) -> Group:
     now = time.perf_counter_ns()
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("scenario", "executor", "stage", "elapsed", "left", "VUs", "in flight", "interrupted"):
@@ -54,7 +96,6 @@ def render(swarm: Swarm, recorder: Recorder, state: RunState) -> Group:
             p.name, p.executor, p.stage or "–", f"{elapsed:,.0f} s", status, str(p.vus), str(p.in_flight),
             str(p.interrupted),
         )  # fmt: skip
-    recent = _recent(recorder)
     cpu = state.cpu_by_second[-1] if state.cpu_by_second else 0.0
     line = Text.assemble(
         ("rate ", "dim"), f"{recent['rate']:,.1f}/s", ("  tokens ", "dim"), f"{recent['tokens']:,.0f}/s",
@@ -84,6 +125,7 @@ class LiveView:
         self.console = console
         self._live: Live | None = None
         self._last_line = 0.0
+        self._recent = RecentWindow()
 
     def __enter__(self) -> LiveView:
         if self.console.is_terminal:
@@ -97,12 +139,12 @@ class LiveView:
 
     def __call__(self, swarm: Swarm, recorder: Recorder, state: RunState) -> None:
         if self._live is not None:
-            self._live.update(render(swarm, recorder, state), refresh=True)
+            self._live.update(render(swarm, recorder, state, self._recent(recorder)), refresh=True)
             return
         now = time.monotonic()
         if now - self._last_line >= 5:
             self._last_line = now
-            recent = _recent(recorder)
+            recent = self._recent(recorder)
             elapsed = (time.perf_counter_ns() - state.start_ns) / NS
             self.console.print(
                 f"[{elapsed:6.1f} s] rate {recent['rate']:,.1f}/s · TTFT p50 {_ms(recent['p50'])} "
