@@ -34,18 +34,19 @@ class CellFigures:
 def pareto_frontier(cells: Sequence[CellFigures]) -> list[CellFigures]:
     """The cells no other cell beats on both throughput (higher) and TTFT p99 (lower), by throughput.
 
-    Cells without a TTFT (plain HTTP) are compared on throughput alone.
+    A cell with no latency figure (nothing completed after its warmup) has no place on it.
     """
 
     def latency(c: CellFigures) -> float:
         return c.ttft_p99_ms if c.ttft_p99_ms is not None else 0.0
 
+    measured = [c for c in cells if c.ttft_p99_ms is not None]
     frontier = [
-        c for c in cells
+        c for c in measured
         if not any(
             o is not c and o.throughput >= c.throughput and latency(o) <= latency(c)
             and (o.throughput > c.throughput or latency(o) < latency(c))
-            for o in cells
+            for o in measured
         )
     ]  # fmt: skip
     return sorted(frontier, key=lambda c: (c.throughput, -latency(c)))
@@ -67,7 +68,8 @@ def recommend(cells: Sequence[CellFigures], capacities: Sequence[Capacity] = ())
     With capacity searches, the setting with the highest confirmed capacity. Otherwise, among settings that
     pass the SLO at every load where any setting does (one that fails where others pass is not
     recommended), those whose best passing throughput is within ``THROUGHPUT_TIE`` of the best; of these,
-    the one with the lowest TTFT p99 averaged over its passing loads.
+    the one with the lowest TTFT p50 averaged over its passing loads (then p99). The median decides, not the
+    tail: a cell of a few seconds at a low rate has a p99 that is nearly its maximum, one sample's luck.
     """
     confirmed = [c for c in capacities if c.rate is not None]
     if confirmed:
@@ -87,12 +89,13 @@ def recommend(cells: Sequence[CellFigures], capacities: Sequence[Capacity] = ())
     best_throughput = max(top.values())
     contenders = [s for s in eligible if top[s] >= best_throughput * (1 - THROUGHPUT_TIE)]
 
-    def mean_p99(setting: str) -> float:
-        values = [c.ttft_p99_ms for c in eligible[setting] if c.ttft_p99_ms is not None]
+    def mean(setting: str, percentile: str) -> float:
+        values = [getattr(c, percentile) for c in eligible[setting] if getattr(c, percentile) is not None]
         return sum(values) / len(values) if values else 0.0
 
-    setting = min(contenders, key=lambda s: (mean_p99(s), -top[s]))
-    latency = f", mean TTFT p99 {mean_p99(setting):,.1f} ms" if mean_p99(setting) else ""
+    setting = min(contenders, key=lambda s: (mean(s, "ttft_p50_ms"), mean(s, "ttft_p99_ms"), -top[s]))
+    p50, p99 = mean(setting, "ttft_p50_ms"), mean(setting, "ttft_p99_ms")
+    latency = f", mean TTFT p50 {p50:,.1f} ms, p99 {p99:,.1f} ms" if p50 else ""
     tie = f" (within {THROUGHPUT_TIE:.0%} of the best, the lowest latency)" if len(contenders) > 1 else ""
     return Recommendation(
         setting, f"highest throughput within the SLO at every load: {top[setting]:,.1f}/s{tie}{latency}"

@@ -51,7 +51,16 @@ def render_sweep_html(summary: dict[str, Any]) -> str:
     loads = [c["load"] for c in cells] or [1.0]
     charts = [
         _by_load(cells, settings, colors, "throughput", "throughput by load", "completed requests/s", max(loads)),
-        _by_load(cells, settings, colors, "ttft_p99_ms", "TTFT p99 by load", "ms", max(loads)),
+        # Latency of cells that broke the SLO (an overloaded setting: seconds) would flatten every other line.
+        _by_load(
+            [c for c in cells if c["slo_passed"]],
+            settings,
+            colors,
+            "ttft_p99_ms",
+            "TTFT p99 by load (cells within the SLO)",
+            "ms",
+            max(loads),
+        ),
         _frontier(summary, settings, colors),
     ]
     rec = summary["recommendation"]
@@ -101,16 +110,16 @@ def _by_load(
 
 
 def _frontier(summary: dict[str, Any], settings: list[str], colors: dict[str, str]) -> str:
-    cells = [c for c in summary["cells"] if c["ttft_p99_ms"] is not None]
+    cells = [c for c in summary["cells"] if c["ttft_p99_ms"] is not None and c["slo_passed"]]
     series = [
         Series(s, sorted((c["throughput"], c["ttft_p99_ms"]) for c in cells if c["setting"] == s), colors[s])
         for s in settings
     ]
-    front = [(c["throughput"], c["ttft_p99_ms"]) for c in summary["frontier"] if c["ttft_p99_ms"] is not None]
+    front = [(c["throughput"], c["ttft_p99_ms"]) for c in summary["frontier"] if c in cells]
     series.append(Series("Pareto frontier", sorted(front), "#000", dashed=True))
     x_high = max((c["throughput"] for c in cells), default=1.0)
     y_high = max((c["ttft_p99_ms"] for c in cells), default=1.0)
     return line_chart(
         series, linear_axis(x_high, "throughput (requests/s)"), linear_axis(y_high, "TTFT p99 (ms)"),
-        title="throughput vs TTFT p99: lower right is better",
+        title="throughput vs TTFT p99 within the SLO: lower right is better",
     )  # fmt: skip
