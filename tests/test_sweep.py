@@ -87,3 +87,37 @@ def test_a_batching_sweep_recommends_what_the_cost_model_implies(tmp_path: Path)
     rerun = SweepRunner(sweep, scenario, progress=again.append).run()
     assert all("done before: kept" in line for line in again)
     assert rerun.recommendation == result.recommendation
+
+
+def test_any_server_by_command_and_its_capacity_within_the_slo(tmp_path: Path) -> None:
+    """The generic path (a command with {port} and a readiness URL), and a capacity search whose answer is
+    known: batch size 1 at 20 ms a batch serves at most 50 requests/s, so capacity is no more than that."""
+    import sys
+
+    (tmp_path / "server.yaml").write_text(
+        "models: [{kind: echo, name: echo, base_ms: 20, per_item_ms: 0}, {kind: tokens}]\n"
+    )
+    (tmp_path / "scenario.yaml").write_text(SCENARIO)
+    command = f"{sys.executable} -m infer_bench.cli serve --config {tmp_path / 'server.yaml'} --port {{port}}"
+    (tmp_path / "sweep.yaml").write_text(
+        "scenario: scenario.yaml\n"
+        f"server: {{command: '{command} --batch-size {{batch_size}}', ready_url: 'http://127.0.0.1:{{port}}/readyz'}}\n"
+        "grid: {batch_size: [1]}\n"
+        "capacity: {start: 20, max: 160, resolution: 0.25, confirm: 1}\n"
+    )
+    sweep = load_sweep(tmp_path / "sweep.yaml")
+    scenario = load_scenario(sweep.scenario_path)
+    check_scenario(scenario, sweep)
+    lines: list[str] = []
+    result = SweepRunner(sweep, scenario, progress=lines.append).run()
+
+    assert not result.failures
+    (capacity,) = result.capacities
+    assert capacity.rate is not None
+    assert 20 <= capacity.rate <= 50  # at 50/s a 2 s run can still pass: the queue grows only slowly
+    assert capacity.failed_at is not None
+    assert capacity.failed_at <= 80
+    assert capacity.verdict.startswith(f"passed 2 of 2 runs at {capacity.rate:,.4g}/s")
+    assert result.recommendation is not None
+    assert "highest capacity within the SLO" in result.recommendation.reason
+    assert len(list((sweep.out_dir / "capacity").glob("*.json"))) == len(capacity.runs)
