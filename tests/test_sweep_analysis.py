@@ -146,3 +146,15 @@ def test_the_shipped_sweep_and_its_scenario_are_valid() -> None:
     check_settings(scenario, sweep)
     assert len(sweep.settings) == 6
     assert sweep.out_dir.resolve() == (root / "reports" / "sweep-batching").resolve()
+
+
+def test_server_command_at_the_top_level_as_the_issue_spells_it() -> None:
+    text = (
+        "scenario: s.yaml\nserver_command: 'my-server --max-batch {batch_size} --port {port}'\n"
+        "ready_url: 'http://127.0.0.1:{port}/health'\ngrid: {batch_size: [4, 8]}\nloads: [10]\n"
+    )
+    sweep = parse_sweep(text, source="sweep.yaml")
+    assert sweep.server.command == "my-server --max-batch {batch_size} --port {port}"
+    assert sweep.server.ready_url == "http://127.0.0.1:{port}/health"
+    with pytest.raises(ScenarioError, match=r"sweep.yaml:2 server_command: the command must take the port"):
+        parse_sweep("scenario: s.yaml\nserver_command: 'srv'\nloads: [1]\n", source="sweep.yaml")

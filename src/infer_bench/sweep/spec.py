@@ -76,6 +76,10 @@ class SweepFile(SpecModel):
     capacity: CapacityEntry | None = None
     settle: NonNegativeNumber = 0.0
     """Seconds to wait after the server is ready before the scenario starts."""
+    server_command: str | None = None
+    """Shorthand for ``server: {command: ...}``."""
+    ready_url: str | None = None
+    """Shorthand for ``server: {ready_url: ...}``."""
 
     @field_validator("grid")
     @classmethod
@@ -154,6 +158,19 @@ def parse_sweep(
         problems = _check(file)
         if problems:
             raise InvalidScenario(problems)
+        if file.server_command or file.ready_url:
+            try:
+                server = ServerEntry.model_validate(
+                    {**file.server.model_dump(exclude_unset=True), "command": file.server_command,
+                     "ready_url": file.ready_url}
+                )  # fmt: skip
+            except ValidationError as exc:
+                raise InvalidScenario(
+                    [Problem(("server_command",), p.message) for p in problems_from(exc, None)]
+                ) from None
+            file = file.model_copy(update={"server": server, "server_command": None, "ready_url": None})
+            if problems := _check(file):
+                raise InvalidScenario(problems)
     except InvalidScenario as exc:
         raise ScenarioError(locator.render(exc.problems)) from None
     names = list(file.grid)
@@ -172,6 +189,8 @@ def parse_sweep(
 
 def _check(file: SweepFile) -> list[Problem]:
     problems = []
+    if (file.server_command or file.ready_url) and (file.server.command or file.server.ready_url):
+        problems.append(Problem(("server_command",), "give the command either here or under server:, not both"))
     if not file.loads and file.capacity is None:
         problems.append(Problem(("loads",), "give loads to run, a capacity search, or both"))
     if file.capacity is not None and file.capacity.max < file.capacity.start:
