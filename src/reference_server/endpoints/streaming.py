@@ -3,9 +3,9 @@
 A stream holds a lease (when streams per client are limited), a sequence in a scheduler, maybe a resume
 entry, and counts as an open connection. ``StreamGuard.close`` releases all of it exactly once, on every
 path: done, error, cancel, disconnect, send timeout, shutdown. ``SseResponse`` is Starlette's streaming
-response with two additions: each write has a deadline (``send_timeout_s``) so one client that stopped
-reading is dropped instead of holding a sender forever, and the guard is closed even when the response
-never started to stream.
+response with two additions: each write is watched by the send watchdog (``send_timeout_s``), so one
+client that stopped reading is dropped instead of holding a sender forever, and the guard is closed
+even when the response never started to stream.
 """
 
 from __future__ import annotations
