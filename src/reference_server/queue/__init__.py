@@ -1,0 +1,6 @@
+"""Queue mode: the front end enqueues generation jobs; worker processes produce their results."""
+
+from reference_server.queue.jobs import BadJob, Chunk, Job
+from reference_server.queue.redis_streams import GROUP, QueueCounters, RedisStreams, Worker
+
+__all__ = ["GROUP", "BadJob", "Chunk", "Job", "QueueCounters", "RedisStreams", "Worker"]

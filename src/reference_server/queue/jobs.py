@@ -1,0 +1,70 @@
+"""Jobs and result chunks as they travel through a queue: flat string fields, decoded strictly.
+
+A job is one generation request; its results are chunks numbered from 0, the last one ``done`` or
+``error``. Sequence numbers make processing idempotent: a worker that takes over a job reads how far its
+results got and goes on from there, so a client never sees a token twice or misses one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ChunkKind = Literal["token", "done", "error"]
+_KINDS: dict[str | None, ChunkKind] = {"token": "token", "done": "done", "error": "error"}
+
+
+class BadJob(ValueError):
+    """A queue entry that is not a job of ours (wrong or missing fields)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    model: str
+    prompt: str
+    max_tokens: int | None
+    seed: int | None
+    deadline: float  # seconds since the epoch; past it the job ends with a timeout
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "id": self.id, "model": self.model, "prompt": self.prompt,
+            "max_tokens": "" if self.max_tokens is None else str(self.max_tokens),
+            "seed": "" if self.seed is None else str(self.seed), "deadline": repr(self.deadline),
+        }  # fmt: skip
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Job:
+        try:
+            return cls(
+                id=fields["id"], model=fields["model"], prompt=fields["prompt"],
+                max_tokens=int(fields["max_tokens"]) if fields["max_tokens"] else None,
+                seed=int(fields["seed"]) if fields["seed"] else None, deadline=float(fields["deadline"]),
+            )  # fmt: skip
+        except (KeyError, ValueError) as exc:
+            raise BadJob(f"not a job: {exc!r} in {sorted(fields)}") from None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: int
+    kind: ChunkKind
+    data: str  # the token text, the finish reason, or the error message
+
+    def fields(self) -> dict[str, str]:
+        return {"seq": str(self.seq), "kind": self.kind, "data": self.data}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Chunk:
+        kind = fields.get("kind")
+        if kind not in _KINDS:
+            raise BadJob(f"not a result chunk: kind {kind!r}")
+        try:
+            return cls(int(fields["seq"]), _KINDS[kind], fields.get("data", ""))
+        except (KeyError, ValueError) as exc:
+            raise BadJob(f"not a result chunk: {exc!r}") from None
+
+    @property
+    def final(self) -> bool:
+        return self.kind != "token"
