@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import selectors
 import signal
@@ -37,6 +38,7 @@ from infer_bench.plan import expected_arrivals
 from infer_bench.result import build_result, check_writable, write_result
 from infer_bench.scenario import ConstantArrivalRate, RampingArrivalRate, Scenario
 from infer_bench.scenario.thresholds import Threshold
+from infer_bench.shard import Shard
 from infer_bench.swarm import Swarm
 from infer_bench.thresholds import evaluate, first_abort
 
@@ -44,6 +46,20 @@ CPU_WARNING = 0.70
 LAG_WARNING_MS = 10.0  # a send this late against its schedule means the client cannot keep up
 UNREACHABLE_S = 3  # seconds in a row with connection failures and no success end the run
 SERVER_START_TIMEOUT_S = 30.0
+MAX_START_WAIT_S = 60.0  # a shard told to start later than this was given a wrong --start-at
+
+
+@dataclass(frozen=True)
+class ShardPart:
+    """How one process of a ``--processes`` run runs its shard (see ``infer_bench.processes``)."""
+
+    shard: Shard
+    start_at_ns: int
+    """Wall-clock time (``time.time_ns``) at which every shard starts: one start for all, not a handshake."""
+    target_url: str
+    """The target as the parent resolved it: its reference server's URL for ``target: reference``."""
+    progress_path: Path | None = None
+    """Where to write this shard's progress once a second (JSON, replaced atomically) for the parent."""
 
 
 @dataclass
@@ -52,12 +68,14 @@ class RunState:
 
     started_wall: str = ""
     start_ns: int = 0
+    start_epoch_ns: int = 0
     cpu_by_second: list[float] = field(default_factory=list)
     stop_reason: str | None = None
     thresholds: tuple[Threshold, ...] = ()
     """Thresholds checked at the end; those with ``abort_on_fail`` also every second."""
     aborted_by: Threshold | None = None
     intervals: IntervalLog = field(default_factory=IntervalLog)
+    progress_path: Path | None = None
 
 
 Live = Callable[[Swarm, Recorder, RunState], None]
@@ -143,8 +161,9 @@ def run_scenario(
     seed: int = 0,
     verify_tls: bool = True,
     check_thresholds: bool = True,
+    part: ShardPart | None = None,
 ) -> tuple[dict[str, Any], int]:
-    """Run ``scenario``; return the result and the exit code.
+    """Run ``scenario`` (or, with ``part``, one shard of it); return the result and the exit code.
 
     The code is 0, 1 when a threshold failed (or aborted the run), or 3 when the run was interrupted.
     With ``check_thresholds`` false, thresholds are neither checked nor able to abort the run.
@@ -153,12 +172,12 @@ def run_scenario(
     if out is not None:
         check_writable(out)
     with contextlib.ExitStack() as stack:
-        url = scenario.target
+        url = scenario.target if part is None else part.target_url
         if url == "reference":
             url = stack.enter_context(reference_server(scenario.reference))
         target = Target.from_url(url, verify_tls=verify_tls)
         check_reachable(target)
-        result = _run_loop(scenario, target, url, live, seed, check_thresholds)
+        result = _run_loop(scenario, target, url, live, seed, check_thresholds, part)
     if out is not None:
         write_result(out, result)
     return result, exit_code(result)
@@ -174,7 +193,13 @@ def exit_code(result: dict[str, Any]) -> int:
 
 
 def _run_loop(
-    scenario: Scenario, target: Target, url: str, live: Live | None, seed: int, check_thresholds: bool
+    scenario: Scenario,
+    target: Target,
+    url: str,
+    live: Live | None,
+    seed: int,
+    check_thresholds: bool,
+    part: ShardPart | None = None,
 ) -> dict[str, Any]:
     loop_factory = _loop_factory()
     # Objects made before the run never die during it: freeze them out of the collector's scans, and
@@ -185,7 +210,7 @@ def _run_loop(
     gc.set_threshold(10_000, 10, 10)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(_run(scenario, target, url, live, seed, check_thresholds))
+            return runner.run(_run(scenario, target, url, live, seed, check_thresholds, part))
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
@@ -201,15 +226,20 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _run(
-    scenario: Scenario, target: Target, url: str, live: Live | None, seed: int, check_thresholds: bool
+    scenario: Scenario,
+    target: Target,
+    url: str,
+    live: Live | None,
+    seed: int,
+    check_thresholds: bool,
+    part: ShardPart | None,
 ) -> dict[str, Any]:
     state = RunState(
-        started_wall=datetime.now(UTC).isoformat(timespec="milliseconds"),
-        start_ns=time.perf_counter_ns(),
         thresholds=scenario.thresholds if check_thresholds else (),
+        progress_path=part.progress_path if part is not None else None,
     )
-    recorder = Recorder(state.start_ns)
-    swarm = Swarm(target, recorder)
+    recorder = Recorder(0)
+    swarm = Swarm(target, recorder, shard=part.shard if part is not None else Shard())
     loop = asyncio.get_running_loop()
 
     def interrupt(reason: str) -> None:
@@ -220,6 +250,12 @@ async def _run(
     for sig, name in ((signal.SIGINT, "interrupted (Ctrl-C)"), (signal.SIGTERM, "interrupted (SIGTERM)")):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, interrupt, name)
+    if part is not None:  # every shard waits for the one start time; a stop request ends the wait
+        wait_ns = min(part.start_at_ns - time.time_ns(), int(MAX_START_WAIT_S * 1e9))
+        await swarm.sleep_until(time.perf_counter_ns() + wait_ns)
+    state.started_wall = datetime.now(UTC).isoformat(timespec="milliseconds")
+    state.start_epoch_ns, state.start_ns = time.time_ns(), time.perf_counter_ns()
+    recorder.start_ns = state.start_ns
     ticker = asyncio.ensure_future(_tick(swarm, recorder, state, live))
     try:
         await swarm.run(scenario.scenarios, seed)
@@ -248,6 +284,9 @@ async def _run(
         stop_reason=state.stop_reason,
         rates=_open_rates(scenario, swarm),
     )
+    result["start_epoch_ns"] = state.start_epoch_ns
+    if part is not None:
+        result["shard"] = {"index": part.shard.index, "count": part.shard.count}
     result["intervals"] = state.intervals.to_json()
     if state.thresholds:
         measures = Measures.from_recorder(recorder, duration_s)
@@ -277,10 +316,30 @@ async def _tick(swarm: Swarm, recorder: Recorder, state: RunState, live: Live | 
             if state.stop_reason is None and _target_gone(recorder):
                 state.stop_reason = f"the target stopped accepting connections ({UNREACHABLE_S} s without one)"
                 swarm.stop()
+            if state.progress_path is not None:
+                _write_progress(state.progress_path, swarm, recorder, elapsed_s)
         # Once a second, as the figures it shows change: a refresh costs the loop ~4 ms of rich rendering.
         if live is not None and now_wall - last_live >= 1.0:
             last_live = now_wall
             live(swarm, recorder, state)
+
+
+def _write_progress(path: Path, swarm: Swarm, recorder: Recorder, elapsed_s: float) -> None:
+    """This shard's counts so far, for the parent's progress line; replaced atomically, never half-written."""
+    series = recorder.series
+    progress = {
+        "elapsed_s": round(elapsed_s, 3),
+        "started": sum(s.started for s in series),
+        "succeeded": sum(s.succeeded for s in series),
+        "failed": sum(s.failed for s in series),
+        "dropped": sum(s.dropped for s in series),
+        "in_flight": sum(p.in_flight for p in swarm.progress.values()),
+        "vus": sum(p.vus for p in swarm.progress.values()),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(OSError):  # progress is a courtesy: never let it stop the run
+        tmp.write_text(json.dumps(progress), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _check_aborts(swarm: Swarm, recorder: Recorder, state: RunState, elapsed_s: float) -> None:
@@ -334,7 +393,7 @@ def _open_rates(scenario: Scenario, swarm: Swarm) -> dict[str, float]:
     for spec in scenario.scenarios.values():
         ex = spec.executor
         if isinstance(ex, ConstantArrivalRate | RampingArrivalRate):
-            requested += expected_arrivals(ex)
+            requested += expected_arrivals(ex) / swarm.shard.count  # the shards' rates add up to the whole
             achieved += swarm.progress[spec.name].dispatched
             duration = max(duration, ex.total_duration())
     if duration == 0:

@@ -31,6 +31,7 @@ from infer_bench.scenario import (
     SharedIterations,
     UserClass,
 )
+from infer_bench.shard import Shard
 
 NS = 1_000_000_000
 MIN_SLEEP_S = 0.001
@@ -94,6 +95,8 @@ class Swarm:
     target: Target
     recorder: Recorder
     clock: Callable[[], int] = time.perf_counter_ns
+    shard: Shard = field(default_factory=Shard)
+    """The slice of every schedule this swarm runs (all of it unless the run is split into processes)."""
     progress: dict[str, ScenarioProgress] = field(default_factory=dict)
     failure: BaseException | None = None  # a bug of ours inside a VU task: it stops the run, loudly
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -167,6 +170,7 @@ class ScenarioRun:
         self.spec = spec
         self.clock = swarm.clock
         self.recorder = swarm.recorder
+        self.shard = swarm.shard
         self.start_ns = run_start_ns + int(spec.start_time * NS)
         self.measure_from_ns = self.start_ns + int(spec.warmup * NS)
         rng = random.Random(seed)
@@ -183,6 +187,10 @@ class ScenarioRun:
     def _runtime(self, cls: UserClass, seed: int) -> ClassRuntime:
         # The scenario's own tags come first; the built-in ones (scenario, class, protocol) win a clash.
         tags = {**self.spec.tags, "scenario": self.spec.name, "class": cls.name, "protocol": cls.protocol}
+        if not self.shard.whole:
+            # Shards share the run's seed (the schedule and the class picks must agree); their prompts and
+            # behaviours must not, or every shard would send the same prompts in the same order.
+            seed = random.Random(f"{seed}:shard{self.shard.index}").randrange(2**32)
         rng = random.Random(seed)
         prompt_rng = random.Random(f"{cls.prompts.seed}:{seed}")  # the prompts' own seed, and the run's
         new_client = client_maker(cls, self.swarm.target, self.clock)
@@ -252,23 +260,24 @@ class ScenarioRun:
         if isinstance(ex, RampingVUs):
             await self._ramping_vus(ex, deadline)
             return
-        remaining = [ex.iterations] if isinstance(ex, SharedIterations) else None
-        for i in range(ex.vus):
+        owned = self.shard.vus(ex.vus)  # global VU indices: a VU's class is the one it has unsharded
+        remaining = [self.shard.shared_iterations(ex.vus, ex.iterations)] if isinstance(ex, SharedIterations) else None
+        for i in owned:
             budget = ex.iterations if isinstance(ex, PerVUIterations) else None
             self._spawn(self._vu_loop(i, deadline, budget, remaining))
-        self.progress.vus = ex.vus
+        self.progress.vus = len(owned)
         await self._wait_tasks_until(deadline)  # iteration executors usually end before their deadline
 
     async def _ramping_vus(self, ex: RampingVUs, deadline: int) -> None:
         retire: list[asyncio.Event] = []
         while not self.swarm.stopped and self.clock() < deadline:
             t = (self.clock() - self.start_ns) / NS
-            target = vus_at(ex.start_vus, ex.stages, t)
+            target = self.shard.share(vus_at(ex.start_vus, ex.stages, t))  # of the VUs j < target(t), ours
             self.progress.stage = stage_at(ex.stages, t)
             while len(retire) < target:
                 flag = asyncio.Event()
                 retire.append(flag)
-                self._spawn(self._vu_loop(len(retire) - 1, deadline, None, None, flag))
+                self._spawn(self._vu_loop(self.shard.nth_vu(len(retire) - 1), deadline, None, None, flag))
             while len(retire) > target:
                 retire.pop().set()  # the newest VU leaves after its current iteration (k6's ramp-down)
             self.progress.vus = len(retire)
@@ -325,24 +334,32 @@ class ScenarioRun:
             client.close()
 
     async def _open(self, ex: ConstantArrivalRate | RampingArrivalRate) -> None:
-        """Each arrival picks its class by weight, then an idle VU of that class; ``max_vus`` bounds all."""
+        """Each arrival picks its class by weight, then an idle VU of that class; ``max_vus`` bounds all.
+
+        A shard walks the whole arrival sequence and picks a class for every arrival, so arrival n has the
+        same time and class in every shard count; it sends only the arrivals it owns.
+        """
         idle = self._idle
-        for i in range(ex.pre_allocated_vus):
+        shard = self.shard
+        owned = shard.vus(ex.pre_allocated_vus)
+        for i in owned:
             runtime = self.class_for_vu(i)
             idle.setdefault(id(runtime), []).extend([runtime.new_client()] * runtime.lanes)
-        allocated = ex.pre_allocated_vus
-        for offset in arrivals(ex):
+        allocated, max_vus = len(owned), shard.share(ex.max_vus)
+        for n, offset in enumerate(arrivals(ex)):
+            runtime = self.class_at_random()
+            if not shard.owns(n):
+                continue
             due = self.start_ns + int(offset * NS)
             if due > self.clock() + int(MIN_SLEEP_S * NS / 5) and not await self.swarm.sleep_until(due):
                 break
             self.progress.requested += 1
             if isinstance(ex, RampingArrivalRate):
                 self.progress.stage = stage_at(ex.stages, offset)
-            runtime = self.class_at_random()
             pool = idle.setdefault(id(runtime), [])
             if pool:
                 client = pool.pop()
-            elif allocated < ex.max_vus:
+            elif allocated < max_vus:
                 client, allocated = runtime.new_client(), allocated + 1
                 pool.extend([client] * (runtime.lanes - 1))
             elif (spare := self._idle_elsewhere(runtime)) is not None:
