@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from infer_bench.errors import ConfigError, InferBenchError, RunAborted, ThresholdsFailed, UsageError
+
+if TYPE_CHECKING:
+    from infer_bench.runner import ShardPart
 
 app = typer.Typer(
     name="infer-bench",
@@ -144,27 +147,60 @@ def run(
     no_thresholds: Annotated[
         bool, typer.Option("--no-thresholds", help="Neither check the scenario's thresholds nor abort on them")
     ] = False,
+    processes: Annotated[
+        str | None,
+        typer.Option(
+            "--processes", "-p", help="Split the run into N shards in N processes (auto: one per core but one)"
+        ),
+    ] = None,
+    shard: Annotated[str | None, typer.Option("--shard", hidden=True, help="i/N: run one shard (internal)")] = None,
+    start_at: Annotated[int | None, typer.Option("--start-at", hidden=True, help="Shard start, epoch ns")] = None,
+    target_url: Annotated[str | None, typer.Option("--target-url", hidden=True, help="Resolved target")] = None,
+    progress_file: Annotated[Path | None, typer.Option("--progress-file", hidden=True, help="Shard progress")] = None,
 ) -> None:
     """Run a scenario: drive the client swarm, show live progress, print a summary, write a result file."""
     from datetime import datetime
 
     from rich.console import Console
 
-    from infer_bench.report.live import LiveView
     from infer_bench.report.summary import print_summary
-    from infer_bench.runner import run_scenario
     from infer_bench.scenario import load_scenario
 
     result_path, reports = _outputs(out or [])
+    part = _shard_part(shard, start_at, target_url, progress_file)
+    count = 1
+    if processes is not None:
+        from infer_bench.processes import process_count
+
+        count = process_count(processes)
+        if part is not None:
+            raise UsageError("--processes and --shard: a shard does not split again")
     spec = load_scenario(scenario, _env(env or []))
     if result_path is None:
         Path("results").mkdir(exist_ok=True)
         result_path = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
     console = Console(stderr=True)
-    with LiveView(console) if not quiet else _nothing() as live:
-        result, code = run_scenario(
-            spec, out=result_path, live=live, seed=seed, verify_tls=not insecure, check_thresholds=not no_thresholds
-        )
+    if count > 1:
+        from infer_bench.processes import ChildArgs, run_processes
+
+        args = ChildArgs(str(scenario), tuple(env or ()), seed, insecure, no_thresholds)
+
+        def progress(line: str) -> None:
+            console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True)
+
+        result, code = run_processes(
+            spec, args, count, out=result_path, verify_tls=not insecure, check_thresholds=not no_thresholds,
+            progress=None if quiet else progress,
+        )  # fmt: skip
+    else:
+        from infer_bench.report.live import LiveView
+        from infer_bench.runner import run_scenario
+
+        with LiveView(console) if not quiet else _nothing() as live:
+            result, code = run_scenario(
+                spec, out=result_path, live=live, seed=seed, verify_tls=not insecure,
+                check_thresholds=not no_thresholds, part=part,
+            )  # fmt: skip
     print_summary(result, Console() if sys.stdout.isatty() else Console(width=140))  # logs: room for tables
     out_path = result_path
     Console(stderr=True).print(f"[dim]result written to {out_path}[/]")
@@ -181,6 +217,24 @@ def run(
     if code == 1:
         failed = [f"{t['metric']} {t['expression']}" for t in result["thresholds"] if not t["ok"]]
         raise ThresholdsFailed(f"{len(failed)} threshold(s) failed: {'; '.join(failed)}")
+
+
+def _shard_part(
+    shard: str | None, start_at: int | None, target_url: str | None, progress_file: Path | None
+) -> ShardPart | None:
+    """The internal options a ``--processes`` parent gives its children, checked together."""
+    if shard is None:
+        return None
+    from infer_bench.runner import ShardPart
+    from infer_bench.shard import Shard
+
+    if start_at is None or target_url is None:
+        raise UsageError("--shard needs --start-at and --target-url (they are set by --processes)")
+    try:
+        parsed = Shard.parse(shard)
+    except ValueError as exc:
+        raise UsageError(f"--shard: {exc}") from None
+    return ShardPart(parsed, start_at, target_url, progress_file)
 
 
 def _outputs(values: list[str]) -> tuple[Path | None, list[tuple[str, Path]]]:
