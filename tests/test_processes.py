@@ -151,3 +151,37 @@ def test_every_open_loop_shard_needs_a_vu() -> None:
     with pytest.raises(UsageError, match="max_vus 64"):
         check_shardable(scenario, 65)
     assert isinstance(scenario.scenarios["chat"].executor, ConstantArrivalRate)
+
+
+def test_a_shard_aborted_by_a_threshold_stops_the_others(tmp_path: Path) -> None:
+    """The supervisor alone, over two stand-in children: one ends aborted, the other must be stopped."""
+    from infer_bench.processes import Child, _supervise
+    from infer_bench.shard import Shard
+
+    aborted_result = tmp_path / "part-0.json"
+    aborted_result.write_text(json.dumps({"status": "aborted"}))
+    ready = tmp_path / "ready"
+    script = (
+        "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(3)); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(30)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(1)"]),
+        subprocess.Popen([sys.executable, "-c", script]),
+    ]
+    children = [
+        Child(Shard(i, 2), proc, tmp_path / f"part-{i}.json", tmp_path / f"p-{i}.json", tmp_path / f"log-{i}")
+        for i, proc in enumerate(procs)
+    ]
+    try:
+        wait_for(ready.exists, "the stand-in shard to handle SIGTERM")
+        outcome = _supervise(children, time.monotonic() + WAIT_S, [], None)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert outcome.aborted_by is children[0]
+    assert outcome.interrupted_by is None
+    assert outcome.timed_out == []
+    assert [p.returncode for p in procs] == [1, 3]
