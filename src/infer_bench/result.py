@@ -13,7 +13,9 @@ Shape (``schema: infer-bench.result``, ``version: 2``)::
      series: [{t, started, succeeded, failed, tokens, dropped, ttft_p50_ms, ttft_p99_ms}],
      intervals: {metrics, windows: [{start_s, end_s, histograms: {metric: <base64>}}]},
      thresholds: [{metric, expression, ok, value, unit, abort_on_fail, aborted}] (absent: none checked),
-     errors: [ ... up to 100 samples ... ]}
+     errors: [ ... up to 100 samples ... ], start_epoch_ns, client: {cpu_by_second, pid},
+     shard?: {index, count}                       (one shard of a --processes run)
+     shards?: {count, parts: [...]}, client: {shards: [{shard, pid, cpu_by_second}]}  (merged)}
 
 Durations in ``summary`` are milliseconds; histograms hold microseconds (``output_tokens``: counts).
 
