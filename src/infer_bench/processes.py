@@ -238,7 +238,8 @@ def _supervise(children: list[Child], limit: float, caught: list[str], progress:
             _stop_all(children)
         if progress is not None and now - last_line >= 1.0:
             last_line = now
-            progress(_progress_line(children))
+            if (line := _progress_line(children)) is not None:
+                progress(line)
         time.sleep(POLL_S)
     return outcome
 
@@ -256,8 +257,8 @@ def _status_of(child: Child) -> str | None:
     return str(status) if status is not None else None
 
 
-def _progress_line(children: list[Child]) -> str:
-    """One line for every shard: the children's counts added."""
+def _progress_line(children: list[Child]) -> str | None:
+    """One line for every shard: the children's counts added; None before any shard has started."""
     totals: dict[str, float] = {}
     running = 0
     for child in children:
@@ -268,6 +269,8 @@ def _progress_line(children: list[Child]) -> str:
             continue
         for name, value in data.items():
             totals[name] = max(totals.get(name, 0), value) if name == "elapsed_s" else totals.get(name, 0) + value
+    if not totals:
+        return None
     return (
         f"{running}/{len(children)} shards running · {totals.get('elapsed_s', 0):.0f} s · "
         f"VUs {totals.get('vus', 0):,.0f} · in flight {totals.get('in_flight', 0):,.0f} · "
