@@ -87,10 +87,10 @@ async def streams(redis_url: str) -> AsyncIterator[RedisStreams]:
         await client.aclose()
 
 
-def tokens_of(job: Job, sent: int, count: int = 6, step_s: float = 0.01) -> Iterator[tuple[float, str]]:
+def tokens_of(job: Job, sent: int, count: int = 6, step_s: float = 0.01) -> Iterator[tuple[float, Chunk]]:
     """A deterministic model: token i of a job is always the same text, whoever computes it."""
     for i in range(sent, job.max_tokens or count):
-        yield step_s, f"{job.prompt}-{i}"
+        yield step_s, Chunk(i, "token", f"{job.prompt}-{i}")
 
 
 def job(job_id: str, max_tokens: int = 6, deadline_s: float = 60.0) -> Job:
@@ -133,11 +133,11 @@ async def test_reads_are_size_or_timeout_batches(streams: RedisStreams) -> None:
 WORKER_SCRIPT = """
 import asyncio, sys, time
 import redis.asyncio as aioredis
-from reference_server.queue import RedisStreams, Worker
+from reference_server.queue import Chunk, RedisStreams, Worker
 
 def tokens(job, sent):
     for i in range(sent, job.max_tokens):
-        yield 0.05, f"{job.prompt}-{i}"
+        yield 0.05, Chunk(i, "token", f"{job.prompt}-{i}")
 
 async def main():
     streams = RedisStreams(aioredis.Redis.from_url(sys.argv[1]), sys.argv[2])
@@ -193,8 +193,8 @@ async def test_a_job_delivered_too_often_is_dead_lettered_and_its_client_told(st
     worker = Worker(streams, "w1", tokens_of, min_idle_ms=0, max_deliveries=1)
     assert await worker.reclaim() == 0  # the claim is its second delivery: one too many
     chunks = await collect(streams, "d")
-    assert [c.kind for c in chunks] == ["error"]
-    assert "set aside" in chunks[0].data
+    assert [(c.kind, c.data) for c in chunks] == [("error", "dead_lettered")]
+    assert "set aside" in chunks[0].message
     assert await streams.client.xlen(streams.dead) == 1
     assert (await streams.client.xpending(streams.jobs, GROUP))["pending"] == 0
 

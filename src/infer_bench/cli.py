@@ -48,6 +48,10 @@ def serve(
     max_num_seqs: Annotated[int | None, typer.Option(help="Sequences decoded per step (default: 64)")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 503 (default: 1024)")] = None,
     log_level: Annotated[str | None, typer.Option(help="uvicorn log level (default: warning)")] = None,
+    queue: Annotated[
+        str | None,
+        typer.Option("--queue", help="redis://HOST:PORT/DB: /v1/stream enqueues jobs for `infer-bench worker`s"),
+    ] = None,
 ) -> None:
     """Start the reference server: HTTP, SSE, WebSocket and OpenAI-compatible routes over simulated models."""
     from reference_server import errors as server_errors
@@ -58,7 +62,7 @@ def serve(
         settings = load_settings(
             config, host=host, port=port, workers=workers, model=model, batch_size=batch_size,
             batch_timeout_ms=batch_timeout_ms, max_num_seqs=max_num_seqs, max_queue=max_queue,
-            log_level=log_level,
+            log_level=log_level, queue_url=queue,
         )  # fmt: skip
     except server_errors.ConfigError as exc:
         _fail(ConfigError(str(exc)))
@@ -76,6 +80,32 @@ def serve(
         run(settings, announce)
     except OSError as exc:  # the port is taken, or the address cannot be bound
         _fail(ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"))
+
+
+@app.command()
+def worker(
+    queue: Annotated[str, typer.Option("--queue", help="redis://HOST:PORT/DB of the job queue")],
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Queue consumers in this process")] = 1,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="server.yaml: models, batch size")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Consumer name (default: HOST-PID); a stable name re-reads its pending jobs")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(min=0.001, help="Jobs a second this process takes (token bucket)")
+    ] = None,
+    grace_s: Annotated[float, typer.Option(min=0, help="On SIGTERM, how long a running batch may finish")] = 10.0,
+) -> None:
+    """Run queue workers: take generation jobs from Redis Streams, stream their tokens back, survive crashes."""
+    from reference_server import errors as server_errors
+    from reference_server.queue.worker_main import WorkerOptions, run_worker
+    from reference_server.settings import load_settings
+
+    try:
+        settings = load_settings(config, queue_url=queue)
+    except server_errors.ConfigError as exc:
+        _fail(ConfigError(str(exc)))
+    options = WorkerOptions(queue, concurrency, name, rate, grace_s, settings.queue_prefix)
+    run_worker(settings, options, lambda line: print(line, flush=True))
 
 
 @app.command()

@@ -50,10 +50,17 @@ class Job:
 class Chunk:
     seq: int
     kind: ChunkKind
-    data: str  # the token text, the finish reason, or the error message
+    data: str  # the token text, the finish reason, or the error kind (timeout, model_error, ...)
+    message: str = ""  # error chunks: what happened, for the client
+    model_version: str = ""  # final chunks: the version that ran the job
 
     def fields(self) -> dict[str, str]:
-        return {"seq": str(self.seq), "kind": self.kind, "data": self.data}
+        out = {"seq": str(self.seq), "kind": self.kind, "data": self.data}
+        if self.message:
+            out["message"] = self.message
+        if self.model_version:
+            out["model_version"] = self.model_version
+        return out
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Chunk:
@@ -61,7 +68,10 @@ class Chunk:
         if kind not in _KINDS:
             raise BadJob(f"not a result chunk: kind {kind!r}")
         try:
-            return cls(int(fields["seq"]), _KINDS[kind], fields.get("data", ""))
+            return cls(
+                int(fields["seq"]), _KINDS[kind], fields.get("data", ""),
+                fields.get("message", ""), fields.get("model_version", ""),
+            )  # fmt: skip
         except (KeyError, ValueError) as exc:
             raise BadJob(f"not a result chunk: {exc!r}") from None
 

@@ -6,12 +6,12 @@ Keys (under one prefix, so tests and deployments never share state)::
     {p}:results:{id}    stream of one job's result chunks, numbered; expires after the job ends
     {p}:deadlines       sorted set job id → deadline (epoch seconds), for the sweeper
     {p}:dead            dead-letter stream: jobs delivered more than ``max_deliveries`` times
+    {p}:owner:{id}      the client identity that enqueued a job (resume is theirs only); also claims the id
+    {p}:workers         sorted set consumer name → last heartbeat (epoch seconds): the live worker count
+    {p}:counters        hash of counters every process adds to (reclaimed, dead-lettered, deliveries, ...)
 
-A worker reads with ``XREADGROUP … COUNT batch_size BLOCK batch_timeout_ms`` (size-or-timeout batching),
-re-reads its own pending entries first on start, and ``XACK``s a job only once its final chunk is written.
-A reaper moves jobs idle longer than ``min_idle_ms`` from dead or stuck workers with ``XAUTOCLAIM``; a
-worker that takes a job over reads the last chunk written and resumes after it (the models are
-deterministic, so the continuation is exactly what the first worker would have sent).
+Workers (``queue.worker``) read in the consumer group, write numbered result chunks and acknowledge a job
+once its final chunk is written; the front end (``queue.front``) enqueues and reads result streams.
 
 Redis 7.0 caution: ``XADD … MAXLEN`` on the jobs stream can delete entries that are still pending, so
 the jobs stream is never trimmed by length; ``trim_jobs`` trims by ``MINID`` below the oldest entry still
@@ -20,32 +20,48 @@ pending or undelivered.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from reference_server.queue.jobs import BadJob, Chunk, Job
+from reference_server.queue.jobs import Chunk, Job
 
 GROUP = "workers"
 RESULT_TTL_S = 300  # a finished job's results stay readable this long (resume after a front-end restart)
+HEARTBEAT_TTL_S = 10.0  # a worker silent this long no longer counts as live
 
-# One job's token source: given the job and how many tokens were already sent, yields the rest of the
-# tokens with the seconds to wait before each (a simulated model's step cost), then a finish reason.
-TokenSource = Callable[[Job, int], Iterator[tuple[float, str]]]
+# What "Redis is unreachable" looks like from redis-py: the caller answers 503 / retries, never a 500.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client that fails fast when Redis is down (one retry: a pooled connection may be stale after a
+    Redis restart) and whose socket timeout outlasts every ``BLOCK`` we send."""
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=1.0, socket_timeout=10.0, retry=Retry(NoBackoff(), 1), health_check_interval=0
+    )
 
 
 @dataclass
 class QueueCounters:
+    """This process's counts; ``RedisStreams.count`` also adds them to the shared ``{p}:counters`` hash."""
+
     enqueued: int = 0
     completed: int = 0
     reclaimed: int = 0
     dead_lettered: int = 0
     expired: int = 0
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self)]
 
 
 @dataclass
@@ -68,8 +84,25 @@ class RedisStreams:
     def deadlines(self) -> str:
         return f"{self.prefix}:deadlines"
 
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    @property
+    def shared_counters(self) -> str:
+        return f"{self.prefix}:counters"
+
     def results(self, job_id: str) -> str:
         return f"{self.prefix}:results:{job_id}"
+
+    def owner(self, job_id: str) -> str:
+        return f"{self.prefix}:owner:{job_id}"
+
+    async def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` here and in the shared hash (every front end shows the sum)."""
+        if hasattr(self.counters, name):
+            setattr(self.counters, name, getattr(self.counters, name) + n)
+        await self.client.hincrby(self.shared_counters, name, n)
 
     async def ensure_group(self) -> None:
         try:
@@ -80,13 +113,29 @@ class RedisStreams:
 
     # --- front end ------------------------------------------------------------------------------------
 
-    async def enqueue(self, job: Job) -> str:
+    async def enqueue(self, job: Job, owner: str = "") -> str | None:
+        """Add ``job``; None when a job with its id exists (still running or its results still kept)."""
+        keep_s = max(1, int(job.deadline - time.time()) + RESULT_TTL_S)
+        if not await self.client.set(self.owner(job.id), owner or "-", nx=True, ex=keep_s):
+            return None
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xadd(self.jobs, job.fields())  # type: ignore[arg-type]  # redis-py's field type is too narrow
             pipe.zadd(self.deadlines, {job.id: job.deadline})
-            entry_id, _ = await pipe.execute()
+            pipe.hincrby(self.shared_counters, "enqueued", 1)
+            entry_id, *_ = await pipe.execute()
         self.counters.enqueued += 1
         return _text(entry_id)
+
+    async def owner_of(self, job_id: str) -> str | None:
+        value = await self.client.get(self.owner(job_id))
+        return None if value is None else _text(value)
+
+    async def read_after(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, Chunk]]:
+        """The chunks after stream id ``after``, waiting up to ``block_ms`` for the first; [] if none came."""
+        reply: Any = await self.client.xread({self.results(job_id): after}, count=256, block=block_ms)
+        if not reply:
+            return []
+        return [(_text(entry_id), Chunk.from_fields(_decode(f))) for entry_id, f in reply[0][1]]
 
     async def read_results(
         self, job_id: str, after: str = "0-0", block_ms: int = 1000, max_wait_s: float = 60.0
@@ -95,17 +144,14 @@ class RedisStreams:
 
         The stream id is what a client resumes from (it serves as the SSE event id).
         """
-        key = self.results(job_id)
         last = after
         silent_since = time.monotonic()
         while time.monotonic() - silent_since < max_wait_s:
-            reply: Any = await self.client.xread({key: last}, count=256, block=block_ms)
-            if not reply:
+            got = await self.read_after(job_id, last, block_ms)
+            if not got:
                 continue
             silent_since = time.monotonic()
-            for entry_id, fields in reply[0][1]:
-                last = _text(entry_id)
-                chunk = Chunk.from_fields(_decode(fields))
+            for last, chunk in got:
                 yield last, chunk
                 if chunk.final:
                     return
@@ -127,6 +173,51 @@ class RedisStreams:
         else:
             await self.client.xadd(key, chunk.fields())  # type: ignore[arg-type]
 
+    async def expire_jobs(self, now: float, limit: int = 100) -> int:
+        """End jobs past their deadline with a ``timeout`` error chunk, so no client waits forever.
+
+        A worker still running such a job sees the deadline itself and stops; one that picks it up later
+        finds the final chunk and only acknowledges it.
+        """
+        due = await self.client.zrangebyscore(self.deadlines, "-inf", now, start=0, num=limit)
+        ended = 0
+        for raw in due:
+            job_id = _text(raw)
+            last = await self.last_chunk(job_id)
+            if last is not None and last.final:
+                await self.client.zrem(self.deadlines, job_id)
+                continue
+            seq = 0 if last is None else last.seq + 1
+            await self.write(job_id, Chunk(seq, "error", "timeout", "the job passed its deadline"))
+            await self.count("expired")
+            ended += 1
+        return ended
+
+    async def heartbeat(self, name: str, now: float) -> None:
+        await self.client.zadd(self.workers, {name: now})
+
+    async def live_workers(self, now: float) -> int:
+        live: int = await self.client.zcount(self.workers, now - HEARTBEAT_TTL_S, "+inf")
+        return live
+
+    async def figures(self, now: float) -> dict[str, float]:
+        """Queue-wide figures for /metrics and /stats: pending, lag, dead letters, workers, counters."""
+        out: dict[str, float] = {}
+        try:
+            pending = await self.client.xpending(self.jobs, GROUP)
+            out["pending"] = float(pending["pending"])
+            groups = await self.client.xinfo_groups(self.jobs)
+        except ResponseError:  # no group yet: nothing was ever enqueued or read
+            pending, groups = None, []
+        out["waiting"] = float(sum(g.get("lag") or 0 for g in groups))
+        out["dead_letters"] = float(await self.client.xlen(self.dead))
+        out["workers"] = float(await self.live_workers(now))
+        out["deadlines"] = float(await self.client.zcard(self.deadlines))
+        shared = await self.client.hgetall(self.shared_counters)
+        for key, value in shared.items():
+            out["count:" + _text(key)] = float(_text(value))
+        return out
+
     async def trim_jobs(self) -> int:
         """Drop jobs stream entries every consumer has acknowledged; never one still pending or unread."""
         groups = await self.client.xinfo_groups(self.jobs)
@@ -144,144 +235,6 @@ class RedisStreams:
         # and keeping it costs one entry.
         trimmed: int = await self.client.xtrim(self.jobs, minid=floor, approximate=False)
         return trimmed
-
-
-@dataclass
-class Worker:
-    """One worker process's consumer: reads batches, produces chunks, acknowledges, reclaims."""
-
-    streams: RedisStreams
-    name: str
-    tokens: TokenSource
-    batch_size: int = 8
-    batch_timeout_ms: int = 50
-    min_idle_ms: int = 2_000
-    max_deliveries: int = 3
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    clock: Callable[[], float] = time.time
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Until ``stop``: own pending jobs first (a restarted worker), then new ones, reclaiming idle ones."""
-        await self.streams.ensure_group()
-        for _ in range(1000):  # bounded: each round acknowledges what it read
-            pending = await self._read("0")
-            if not pending:
-                break
-            await self.process(pending)
-        while not stop.is_set():
-            await self.reclaim()
-            await self.process(await self._read(">"))
-
-    async def _read(self, start: str) -> list[tuple[str, dict[str, str]]]:
-        block = None if start == "0" else self.batch_timeout_ms
-        reply: Any = await self.streams.client.xreadgroup(
-            GROUP, self.name, {self.streams.jobs: start}, count=self.batch_size, block=block
-        )
-        if not reply:
-            return []
-        return [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[0][1] if fields]
-
-    async def reclaim(self) -> int:
-        """Take over jobs idle longer than ``min_idle_ms``; dead-letter those delivered too often."""
-        client, jobs = self.streams.client, self.streams.jobs
-        reply: Any = await client.xautoclaim(
-            jobs, GROUP, self.name, self.min_idle_ms, start_id="0-0", count=self.batch_size
-        )
-        claimed = [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[1] if fields]
-        if not claimed:
-            return 0
-        details = await client.xpending_range(
-            jobs, GROUP, min=claimed[0][0], max=claimed[-1][0], count=len(claimed) * 2
-        )
-        deliveries = {_text(d["message_id"]): int(d["times_delivered"]) for d in details}
-        keep = []
-        for entry_id, fields in claimed:
-            if deliveries.get(entry_id, 1) > self.max_deliveries:
-                await self._dead_letter(entry_id, fields, deliveries[entry_id])
-            else:
-                keep.append((entry_id, fields))
-        self.streams.counters.reclaimed += len(keep)
-        await self.process(keep)
-        return len(keep)
-
-    async def _dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
-        streams = self.streams
-        dead: Any = {**fields, "deliveries": str(deliveries), "entry": entry_id}
-        await streams.client.xadd(streams.dead, dead)
-        job_id = fields.get("id")
-        if job_id:
-            last = await streams.last_chunk(job_id)
-            seq = 0 if last is None else last.seq + 1
-            if last is None or not last.final:
-                message = f"the job failed {deliveries} deliveries and was set aside"
-                await streams.write(job_id, Chunk(seq, "error", message))
-        await streams.client.xack(streams.jobs, GROUP, entry_id)
-        streams.counters.dead_lettered += 1
-
-    async def process(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        """Run a batch: the jobs advance together, one token each per step, as a batching engine does."""
-        if not entries:
-            return
-        running = []
-        for entry_id, fields in entries:
-            try:
-                job = Job.from_fields(fields)
-            except BadJob:
-                await self.streams.client.xack(self.streams.jobs, GROUP, entry_id)  # never ours to run
-                continue
-            running.append(await self._resume(entry_id, job))
-        while running:
-            wait = max(step.wait for step in running)
-            if wait > 0:
-                await self.sleep(wait)
-            still = []
-            for state in running:
-                if await state.advance(self):
-                    still.append(state)
-            running = still
-
-    async def _resume(self, entry_id: str, job: Job) -> _Running:
-        last = await self.streams.last_chunk(job.id)
-        if last is not None and last.final:
-            return _Running(entry_id, job, iter(()), last.seq + 1, done=True)  # finished before a crash: ack
-        sent = 0 if last is None else last.seq + 1
-        return _Running(entry_id, job, self.tokens(job, sent), sent)
-
-
-@dataclass
-class _Running:
-    entry_id: str
-    job: Job
-    source: Iterator[tuple[float, str]]
-    seq: int
-    done: bool = False
-    wait: float = 0.0
-    _next: tuple[float, str] | None = None
-
-    def __post_init__(self) -> None:
-        self._pull()
-
-    def _pull(self) -> None:
-        self._next = next(self.source, None)
-        self.wait = self._next[0] if self._next else 0.0
-
-    async def advance(self, worker: Worker) -> bool:
-        """Write this job's next chunk; False once it ended (and was acknowledged)."""
-        streams = worker.streams
-        if not self.done:
-            if worker.clock() > self.job.deadline:
-                await streams.write(self.job.id, Chunk(self.seq, "error", "timeout"))
-                streams.counters.expired += 1
-            elif self._next is None:
-                await streams.write(self.job.id, Chunk(self.seq, "done", "length"))
-                streams.counters.completed += 1
-            else:
-                await streams.write(self.job.id, Chunk(self.seq, "token", self._next[1]))
-                self.seq += 1
-                self._pull()
-                return True
-        await streams.client.xack(streams.jobs, GROUP, self.entry_id)
-        return False
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,273 @@
+"""A queue worker: reads batches of jobs in the consumer group, produces their chunks, acknowledges, reclaims.
+
+A worker reads with ``XREADGROUP … COUNT batch_size BLOCK batch_timeout_ms`` (size-or-timeout batching),
+re-reads its own pending entries first on start, and ``XACK``s a job only once its final chunk is written.
+It moves jobs idle longer than ``min_idle_ms`` from dead or stuck workers to itself with ``XAUTOCLAIM``,
+and refreshes the claim on its own running jobs well within that time (``XCLAIM … JUSTID``, which does
+not count as a delivery), so a long job is never taken from a live worker. A worker that takes a job over
+reads the last chunk written and resumes after it: the models are deterministic, so the continuation is
+exactly what the first worker would have sent, and the client sees every token once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from reference_server.queue.jobs import BadJob, Chunk, Job
+from reference_server.queue.redis_streams import GROUP, UNREACHABLE, RedisStreams, _decode, _text
+
+# One job's token source: given the job and how many tokens were already sent, yields the rest of its
+# chunks, numbered from ``sent``, each with the seconds to wait before it (a simulated model's cost). A
+# source that stops without a final chunk ends the job with ``done`` / ``length``.
+TokenSource = Callable[[Job, int], Iterator[tuple[float, Chunk]]]
+
+log = logging.getLogger("reference_server.queue")
+
+_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)  # retry delays while Redis is unreachable (the last repeats)
+
+
+@dataclass
+class JobBucket:
+    """A token bucket over jobs taken from the queue: ``rate`` a second, at most ``burst`` at once."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    updated_at: float | None = None
+
+    def available(self, now: float) -> int:
+        if self.updated_at is None:
+            self.tokens, self.updated_at = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.updated_at) * self.rate)
+        self.updated_at = now
+        return int(self.tokens + 1e-9)  # 0.9999999 of a token after float refills is a token
+
+    def take(self, n: int) -> None:
+        self.tokens -= n
+
+    def wait_s(self) -> float:
+        """Seconds until one job may be taken."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+@dataclass
+class Worker:
+    """One consumer of the group: a batch at a time."""
+
+    streams: RedisStreams
+    name: str
+    tokens: TokenSource
+    batch_size: int = 8
+    batch_timeout_ms: int = 50
+    min_idle_ms: int = 2_000
+    max_deliveries: int = 3
+    bucket: JobBucket | None = None
+    on_batch: Callable[[int], None] | None = None  # told each batch's size (the model's step cost depends on it)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    clock: Callable[[], float] = time.time
+    _last_reclaim: float = field(default=0.0, repr=False)
+    _last_beat: float = field(default=0.0, repr=False)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: own pending jobs first (a restarted worker), then new ones, reclaiming idle ones.
+
+        A batch under way when ``stop`` is set is finished; a caller that cannot wait cancels the task,
+        which leaves the batch's jobs pending for another worker to reclaim. Redis going away is waited
+        out (with backoff), not fatal.
+        """
+        failures = 0
+        recovered = False
+        while not stop.is_set():
+            try:
+                if not recovered:
+                    await self.streams.ensure_group()
+                    await self._recover_own()
+                    recovered = True
+                await self.step()
+                failures = 0
+            except UNREACHABLE as exc:
+                delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("worker %s: Redis unreachable (%s); retrying in %g s", self.name, exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        await self._leave()
+
+    async def _recover_own(self) -> None:
+        for _ in range(1000):  # bounded: each round acknowledges what it read
+            pending = await self._read("0", self.batch_size)
+            if not pending:
+                return
+            await self.process(pending)
+
+    async def step(self) -> None:
+        """One round: a heartbeat, a reclaim now and then, one batch read and run."""
+        now = time.monotonic()
+        if now - self._last_beat >= 1.0:
+            self._last_beat = now
+            await self.streams.heartbeat(self.name, self.clock())
+        if now - self._last_reclaim >= self.min_idle_ms / 4000:
+            self._last_reclaim = now
+            await self.reclaim()
+        count = self.batch_size
+        if self.bucket is not None:
+            count = min(count, self.bucket.available(now))
+            if count < 1:
+                await self.sleep(min(self.bucket.wait_s(), 1.0))
+                return
+        entries = await self._read(">", count)
+        if self.bucket is not None:
+            self.bucket.take(len(entries))
+        await self.process(entries)
+
+    async def _leave(self) -> None:
+        """Leave the live-worker set (a clean exit; a crashed worker ages out of it)."""
+        with contextlib.suppress(*UNREACHABLE):
+            await self.streams.client.zrem(self.streams.workers, self.name)
+
+    async def _read(self, start: str, count: int | None = None) -> list[tuple[str, dict[str, str]]]:
+        block = None if start == "0" else self.batch_timeout_ms
+        reply: Any = await self.streams.client.xreadgroup(
+            GROUP, self.name, {self.streams.jobs: start}, count=count or self.batch_size, block=block
+        )
+        if not reply:
+            return []
+        return [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[0][1] if fields]
+
+    async def reclaim(self) -> int:
+        """Take over jobs idle longer than ``min_idle_ms``; dead-letter those delivered too often."""
+        client, jobs = self.streams.client, self.streams.jobs
+        reply: Any = await client.xautoclaim(
+            jobs, GROUP, self.name, self.min_idle_ms, start_id="0-0", count=self.batch_size
+        )
+        claimed = [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[1] if fields]
+        if not claimed:
+            return 0
+        details = await client.xpending_range(
+            jobs, GROUP, min=claimed[0][0], max=claimed[-1][0], count=len(claimed) * 2
+        )
+        deliveries = {_text(d["message_id"]): int(d["times_delivered"]) for d in details}
+        keep = []
+        for entry_id, fields in claimed:
+            if deliveries.get(entry_id, 1) > self.max_deliveries:
+                await self._dead_letter(entry_id, fields, deliveries[entry_id])
+            else:
+                keep.append((entry_id, fields))
+        if keep:
+            await self.streams.count("reclaimed", len(keep))
+        await self.process(keep, deliveries)
+        return len(keep)
+
+    async def _dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+        streams = self.streams
+        dead: Any = {**fields, "deliveries": str(deliveries), "entry": entry_id}
+        await streams.client.xadd(streams.dead, dead)
+        job_id = fields.get("id")
+        if job_id:
+            last = await streams.last_chunk(job_id)
+            seq = 0 if last is None else last.seq + 1
+            if last is None or not last.final:
+                message = f"the job failed {deliveries} deliveries and was set aside"
+                await streams.write(job_id, Chunk(seq, "error", "dead_lettered", message))
+        await streams.client.xack(streams.jobs, GROUP, entry_id)
+        await streams.count("dead_lettered")
+
+    async def process(
+        self, entries: list[tuple[str, dict[str, str]]], deliveries: dict[str, int] | None = None
+    ) -> None:
+        """Run a batch: the jobs advance together, one token each per step, as a batching engine does."""
+        if not entries:
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(entries))
+        running = []
+        for entry_id, fields in entries:
+            try:
+                job = Job.from_fields(fields)
+            except BadJob:
+                await self.streams.client.xack(self.streams.jobs, GROUP, entry_id)  # never ours to run
+                continue
+            delivered = (deliveries or {}).get(entry_id, 1)
+            running.append(await self._resume(entry_id, job, delivered))
+        refreshed_at = time.monotonic()
+        while running:
+            wait = max(step.wait for step in running)
+            if wait > 0:
+                await self.sleep(wait)
+            if time.monotonic() - refreshed_at >= self.min_idle_ms / 3000:
+                running = await self._refresh(running, time.monotonic() - refreshed_at)
+                refreshed_at = time.monotonic()
+            still = []
+            for state in running:
+                if await state.advance(self):
+                    still.append(state)
+            running = still
+
+    async def _refresh(self, running: list[_Running], since_s: float) -> list[_Running]:
+        """Reset the idle time of our running jobs so no reaper takes them; drop any taken already.
+
+        ``min_idle_time`` is the time since our last refresh, less a margin: a job another worker claimed
+        meanwhile has been idle for less than that (its claim reset it), so our claim fails and we stop.
+        """
+        ids: list[Any] = [r.entry_id for r in running]
+        min_idle = max(0, int(since_s * 1000) - 50)
+        kept: Any = await self.streams.client.xclaim(self.streams.jobs, GROUP, self.name, min_idle, ids, justid=True)
+        ours = {_text(entry_id) for entry_id in kept}
+        for r in running:
+            if r.entry_id not in ours:
+                log.warning("worker %s: job %s was taken over by another worker; leaving it", self.name, r.job.id)
+        return [r for r in running if r.entry_id in ours]
+
+    async def _resume(self, entry_id: str, job: Job, deliveries: int) -> _Running:
+        last = await self.streams.last_chunk(job.id)
+        if last is not None and last.final:  # finished before a crash: only acknowledge
+            return _Running(entry_id, job, iter(()), last.seq + 1, deliveries, done=True)
+        sent = 0 if last is None else last.seq + 1
+        return _Running(entry_id, job, self.tokens(job, sent), sent, deliveries)
+
+
+@dataclass
+class _Running:
+    entry_id: str
+    job: Job
+    source: Iterator[tuple[float, Chunk]]
+    seq: int
+    deliveries: int = 1
+    done: bool = False
+    wait: float = 0.0
+    _next: Chunk | None = None
+
+    def __post_init__(self) -> None:
+        self._pull()
+
+    def _pull(self) -> None:
+        step = next(self.source, None)
+        self.wait, self._next = step if step is not None else (0.0, None)
+
+    async def advance(self, worker: Worker) -> bool:
+        """Write this job's next chunk; False once it ended (and was acknowledged)."""
+        streams = worker.streams
+        if not self.done:
+            chunk = self._next
+            if worker.clock() > self.job.deadline:
+                await streams.write(self.job.id, Chunk(self.seq, "error", "timeout", "the job passed its deadline"))
+                await streams.count("expired")
+            elif chunk is None or chunk.final:
+                await streams.write(self.job.id, chunk or Chunk(self.seq, "done", "length"))
+                await streams.count("completed")
+            else:
+                await streams.write(self.job.id, chunk)
+                self.seq = chunk.seq + 1
+                self._pull()
+                return True
+        async with streams.client.pipeline(transaction=False) as pipe:
+            pipe.xack(streams.jobs, GROUP, self.entry_id)
+            pipe.hincrby(streams.shared_counters, f"deliveries:{min(self.deliveries, 4)}", 1)
+            await pipe.execute()
+        return False

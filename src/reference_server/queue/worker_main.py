@@ -1,0 +1,103 @@
+"""``infer-bench worker``: N queue consumers in one process over the settings' ``tokens`` models.
+
+Start: load the settings, build and pre-warm every ``tokens`` model version, then run ``concurrency``
+consumers (each a ``Worker``, each reading its own batches). Stop: on SIGTERM or SIGINT each consumer
+finishes the batch it is running and leaves; one that is not done within ``grace_s`` is cancelled, which
+leaves its jobs pending in the group, where another worker reclaims them after ``min_idle_ms`` and
+resumes them after their last written chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from reference_server.queue.model_source import ModelSource
+from reference_server.queue.redis_streams import RedisStreams, connect
+from reference_server.queue.worker import JobBucket, Worker
+from reference_server.settings import ServerSettings
+
+log = logging.getLogger("reference_server.queue")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    queue_url: str
+    concurrency: int = 1
+    name: str | None = None  # consumer name prefix; stable names let a restarted worker re-read its pending jobs
+    rate_per_s: float | None = None  # jobs a second this process takes from the queue (all consumers); None = no limit
+    grace_s: float = 10.0
+    prefix: str = "inferbench"
+
+
+def consumer_names(options: WorkerOptions) -> list[str]:
+    base = options.name or f"{socket.gethostname()}-{os.getpid()}"
+    return [base if options.concurrency == 1 else f"{base}-{i}" for i in range(options.concurrency)]
+
+
+async def serve_worker(
+    settings: ServerSettings,
+    options: WorkerOptions,
+    stop: asyncio.Event,
+    ready: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Run the consumers until ``stop``, then stop them gracefully (see the module docstring)."""
+    client = connect(options.queue_url)
+    streams = RedisStreams(client, options.prefix)
+    bucket = None
+    if options.rate_per_s is not None:
+        bucket = JobBucket(options.rate_per_s, max(1.0, options.rate_per_s))
+    names = consumer_names(options)
+    workers = []
+    for name in names:
+        source = ModelSource.from_settings(settings)
+        source.warm_up()
+        worker = Worker(streams, name, source, batch_size=settings.max_num_seqs, bucket=bucket)
+        # Redis's BLOCK 0 waits forever; the block only paces an idle loop, it never delays a batch.
+        worker.batch_timeout_ms = max(1, int(settings.batch_timeout_ms)) if settings.batch_timeout_ms else 50
+        worker.on_batch = lambda n, s=source: setattr(s, "running", n)
+        workers.append(worker)
+    tasks = [asyncio.create_task(w.run(stop), name=f"worker {w.name}") for w in workers]
+    if ready is not None:
+        ready(names)
+    try:
+        await stop.wait()
+        _, late = await asyncio.wait(tasks, timeout=options.grace_s)
+        for task in late:  # its batch stays pending: another worker reclaims and resumes it
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+def run_worker(settings: ServerSettings, options: WorkerOptions, announce: Callable[[str], None] | None = None) -> None:
+    """Blocks until SIGTERM/SIGINT. ``announce`` gets one line once the consumers run."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(names: list[str]) -> None:
+            if announce is not None:
+                announce(f"infer-bench worker {', '.join(names)} on {options.queue_url} (prefix {options.prefix})")
+
+        await serve_worker(settings, options, stop, ready)
+
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
