@@ -15,10 +15,11 @@ from starlette.routing import Route, WebSocketRoute
 
 from reference_server.admission import Admission
 from reference_server.batcher import RequestBatcher
-from reference_server.endpoints import admin, native, openai, ops, ws
+from reference_server.endpoints import admin, native, openai, ops, queued, ws
 from reference_server.endpoints.common import JSONResponse, ServerState
 from reference_server.endpoints.handlers import counted, log
 from reference_server.metrics import ServerMetrics, exposition
+from reference_server.queue.front import QueueFront, register_queue_gauges
 from reference_server.registry import ModelRegistry
 from reference_server.resume import ResumeTable
 from reference_server.scheduler import ContinuousScheduler
@@ -44,11 +45,16 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     limits = StreamLimits(settings.first_token_timeout_s, settings.inactivity_timeout_s, settings.total_timeout_s)
     sweeper = Sweeper(registry, admission, resumes, limits, settings.sweep_interval_s, also=[watchdog.sweep])
     _register_gauges(state)
+    stream_route = native.stream
+    if settings.queue_url is not None:
+        state.queue = QueueFront.connect(settings.queue_url, settings.queue_prefix, settings.job_ttl_s)
+        register_queue_gauges(metrics, state.queue)
+        stream_route = queued.stream
 
     routes = [
         Route("/predict", counted("predict", native.predict, metrics), methods=["POST"]),
         Route("/predict/batch", counted("predict_batch", native.predict_batch, metrics), methods=["POST"]),
-        Route("/v1/stream", counted("stream", native.stream, metrics), methods=["POST"]),
+        Route("/v1/stream", counted("stream", stream_route, metrics), methods=["POST"]),
         Route(
             "/v1/completions",
             counted("completions", openai.completions, metrics, openai.openai_error),
@@ -76,6 +82,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         async with anyio.create_task_group() as tg:
             await tg.start(registry.run)  # every model loaded and warmed up before readiness
             tg.start_soon(sweeper.run)
+            if state.queue is not None:
+                await tg.start(state.queue.run)
             state.ready = True
             try:
                 yield
@@ -85,6 +93,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                 registry.stop_accepting()
                 registry.abort_all()
                 tg.cancel_scope.cancel()
+        if state.queue is not None:
+            await state.queue.close()
 
     app = Starlette(
         routes=routes,

@@ -100,6 +100,7 @@ class ServerMetrics:
 
         self._families: list[Family] = []
         self._gauges: list[tuple[str, str, tuple[str, ...], Callable[[], dict[tuple[str, ...], float]]]] = []
+        self._counter_reads: list[tuple[str, str, tuple[str, ...], Callable[[], dict[tuple[str, ...], float]]]] = []
         self.request_duration = hist(
             "request_duration_seconds", "HTTP request handling time, headers in to body out", ("endpoint",)
         )
@@ -154,6 +155,12 @@ class ServerMetrics:
         """A gauge computed when scraped (queue depth, running sequences): free on the hot path."""
         self._gauges.append((PREFIX + name, doc, labels, read))
 
+    def counter_callback(
+        self, name: str, doc: str, labels: tuple[str, ...], read: Callable[[], dict[tuple[str, ...], float]]
+    ) -> None:
+        """A counter kept elsewhere (another process, Redis) and read when scraped; ``name`` ends ``_total``."""
+        self._counter_reads.append((PREFIX + name, doc, labels, read))
+
     def connection_opened(self, transport: str) -> None:
         self.active_connections[(transport,)] = self.active_connections.get((transport,), 0) + 1
 
@@ -181,6 +188,11 @@ class ServerMetrics:
             for values, value in read().items():
                 g.add_metric(list(values), value)
             yield g
+        for name, doc, labels, read in self._counter_reads:
+            c = CounterMetricFamily(name.removesuffix("_total"), doc, labels=list(labels))
+            for values, value in read().items():
+                c.add_metric(list(values), value)
+            yield c
 
     def snapshot(self) -> dict[str, Any]:
         """The same figures as JSON for ``/stats``: counters, gauges and histogram summaries."""
@@ -192,7 +204,7 @@ class ServerMetrics:
                 stat = child.summary() if isinstance(child, Histogram) else {"value": child.value}
                 entries.append({"labels": named, **stat})
             out[fam.name] = entries
-        for name, _doc, labels, read in self._gauges:
+        for name, _doc, labels, read in [*self._gauges, *self._counter_reads]:
             out[name] = [{"labels": dict(zip(labels, k, strict=True)), "value": v} for k, v in sorted(read().items())]
         return out
 

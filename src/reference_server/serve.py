@@ -191,6 +191,8 @@ async def _drain_websockets(state: ServerState) -> None:
 async def _abort_streams(state: ServerState) -> None:
     """The grace period is over: end every stream still running with an in-band ``shutdown``."""
     state.registry.abort_all()
+    if state.queue is not None:
+        state.queue.stopping = True  # queued streams end in-band at their next read (their jobs go on)
 
 
 class _QuietDrops(logging.Filter):

@@ -9,6 +9,7 @@ overhead (MEASUREMENTS.md: a naive batcher in front of a zero-cost model halved 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -134,6 +135,10 @@ class ServerSettings(BaseModel):
     )
     queue_prefix: str = Field("inferbench", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="key prefix in Redis")
     job_ttl_s: float = Field(600.0, gt=0, le=86_400, description="a queued job not finished by then ends with timeout")
+    queue_reclaim_idle_ms: int = Field(
+        2000, ge=50, le=3_600_000, description="a job idle this long (its worker died or hung) is reclaimed"
+    )
+    queue_max_deliveries: int = Field(3, ge=1, le=100, description="deliveries before a job is dead-lettered")
 
     _source: Path | None = PrivateAttr(None)  # the settings file, re-read on SIGHUP
 
@@ -150,6 +155,8 @@ class ServerSettings(BaseModel):
         data = self.model_dump(mode="json")
         if self.admin_token is not None:
             data["admin_token"] = "***"
+        if self.queue_url is not None:  # redis://user:password@host: keep the password off /stats
+            data["queue_url"] = re.sub(r"//[^@/]*@", "//***@", self.queue_url)
         return data
 
 

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from reference_server.admission import Admission, client_identity
 from reference_server.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from reference_server.metrics import ServerMetrics
+from reference_server.queue.front import QueueFront
 from reference_server.registry import ModelRegistry
 from reference_server.resume import ResumeTable
 from reference_server.settings import ServerSettings
@@ -35,6 +36,7 @@ class ServerState:
     closers: set[Any] = field(default_factory=set, repr=False)  # open WebSocket sessions, closed on shutdown
     # Whether anything depends on who the client is (limits, A/B splits); if not, identity is not computed.
     needs_client: bool = False
+    queue: QueueFront | None = None  # queue mode: /v1/stream enqueues jobs for workers
 
 
 def state_of(request: HTTPConnection) -> ServerState:

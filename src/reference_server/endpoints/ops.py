@@ -44,6 +44,7 @@ async def stats(request: Request) -> Response:
             "models_detail": registry.describe(),
             "admission": {k[0]: v for k, v in state.admission.gauges().items()},
             "resumable_streams": len(state.resumes),
+            "queue": None if state.queue is None else state.queue.describe(),
             "settings": state.settings.public(),
             "metrics": state.metrics.snapshot(),
         }

@@ -59,7 +59,10 @@ async def serve_worker(
     for name in names:
         source = ModelSource.from_settings(settings)
         source.warm_up()
-        worker = Worker(streams, name, source, batch_size=settings.max_num_seqs, bucket=bucket)
+        worker = Worker(
+            streams, name, source, batch_size=settings.max_num_seqs, bucket=bucket,
+            min_idle_ms=settings.queue_reclaim_idle_ms, max_deliveries=settings.queue_max_deliveries,
+        )  # fmt: skip
         # Redis's BLOCK 0 waits forever; the block only paces an idle loop, it never delays a batch.
         worker.batch_timeout_ms = max(1, int(settings.batch_timeout_ms)) if settings.batch_timeout_ms else 50
         worker.on_batch = lambda n, s=source: setattr(s, "running", n)

@@ -1,0 +1,192 @@
+"""``POST /v1/stream`` in queue mode: enqueue a job, stream the chunks workers write, resume by stream id.
+
+The wire format is direct mode's (docs/protocol.md): ``retry``, ``token`` events, then one ``done`` or
+``error``. Only the event ids differ: ``<request_id>:<Redis stream id>`` — the position in the job's
+results stream, which lives in Redis, so a ``Last-Event-ID`` resumes on any front end, also after the
+one that served the stream was restarted. A client that leaves does not stop its job (workers do not
+watch clients); its results stay readable for a resume until they expire.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator
+
+import orjson
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from reference_server.admission import Lease
+from reference_server.endpoints.common import ServerState, admit, client_of, read_json, state_of
+from reference_server.endpoints.streaming import SseResponse
+from reference_server.errors import Conflict, InvalidRequest, Overloaded, RequestError, UnknownModel
+from reference_server.models.tokens import count_prompt_tokens
+from reference_server.queue.front import READ_BLOCK_MS, QueueFront
+from reference_server.queue.jobs import Chunk
+from reference_server.schemas import REQUEST_ID, GenerateRequest
+from reference_server.streams import PING, error_event, sse_event
+
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+async def stream(request: Request) -> Response:
+    state = state_of(request)
+    front = state.queue
+    assert front is not None, "the queued route is mounted only in queue mode"
+    client = admit(request, state) or client_of(request)  # a job is resumable by its own client only
+    body = await read_json(request, GenerateRequest, state.settings.max_body_bytes)
+    if state.draining:
+        state.metrics.rejections.child("draining").inc()
+        raise Overloaded("the server is shutting down", reason="draining")
+    model = _model_ref(state, body.model)
+    last_event_id = request.headers.get("last-event-id")
+    resume = _parse_event_id(last_event_id) if last_event_id is not None else None
+    job_id = resume[0] if resume else body.request_id or _header_request_id(request) or secrets.token_hex(8)
+    lease = state.admission.lease(client)
+    try:
+        if resume is not None:
+            if await front.owner_of(job_id) != client:
+                state.admission.release(lease)
+                state.metrics.resumes.child("unavailable").inc()
+                message = f"no job {job_id!r} of this client is kept (unknown, expired, or another client's)"
+                return _single_error(state, "resume_unavailable", message)
+            state.metrics.resumes.child("resumed").inc()
+        else:
+            job = front.job(job_id, model, body.prompt, body.max_tokens, body.seed)
+            if not await front.submit(job, client):
+                raise Conflict(f"request_id {job_id!r} names a job that is running or whose results are kept")
+    except RequestError as exc:
+        state.admission.release(lease)
+        if isinstance(exc, Overloaded):
+            state.metrics.rejections.child(exc.reason).inc()
+        raise
+    after = resume[1] if resume else "0-0"
+    events = _events(state, front, job_id, after, model.partition("@")[0], count_prompt_tokens(body.prompt))
+    return QueuedResponse(state, events, lease, {"X-Request-Id": job_id})
+
+
+def _model_ref(state: ServerState, name: str | None) -> str:
+    """The job's model: a ``tokens`` model of the settings (``name`` or ``name@version``); workers run it."""
+    ref = name or state.settings.model
+    base, _, version = ref.partition("@")
+    specs = [m for m in state.settings.models if m.name == base]
+    if not specs:
+        have = sorted({m.name for m in state.settings.models if m.kind == "tokens"})
+        raise UnknownModel(f"no generation model named {ref!r}; this server has {have}", field="model")
+    if specs[0].kind != "tokens":
+        raise InvalidRequest(f"model {base!r} is a prediction model; use /predict", field="model")
+    if version and version != "latest" and version not in {m.version for m in specs}:
+        raise UnknownModel(f"model {base!r} has no version {version!r}", field="model")
+    return ref
+
+
+def _parse_event_id(value: str) -> tuple[str, str]:
+    job_id, sep, stream_id = value.rpartition(":")
+    if not sep or not REQUEST_ID.fullmatch(job_id) or not _STREAM_ID.fullmatch(stream_id):
+        raise InvalidRequest(
+            "Last-Event-ID: expected <request_id>:<stream id> (the id of the last event received)",
+            field="Last-Event-ID",
+        )
+    return job_id, stream_id
+
+
+def _header_request_id(request: Request) -> str | None:
+    value = request.headers.get("x-request-id")
+    if value is not None and not REQUEST_ID.fullmatch(value):
+        raise InvalidRequest("X-Request-Id: expected 1-128 of A-Z a-z 0-9 _ . -", field="X-Request-Id")
+    return value
+
+
+async def _events(
+    state: ServerState, front: QueueFront, job_id: str, after: str, model: str, prompt_tokens: int
+) -> AsyncIterator[bytes]:
+    settings = state.settings
+    pings = state.metrics.heartbeats.child("sse")
+    yield b"retry: %d\n\n" % settings.sse_retry_ms
+    prefix = job_id + ":"
+    last = after
+    silent_reads = 0
+    heartbeat_reads = max(1, int(settings.heartbeat_s * 1000 / READ_BLOCK_MS))
+    # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
+    max_silent_reads = int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)
+    while silent_reads < max_silent_reads:
+        if front.stopping:
+            message = f"the server is shutting down; resume with Last-Event-ID: {prefix}{last}"
+            yield error_event("shutdown", message)
+            return
+        try:
+            got = await front.read(job_id, last)
+        except (RedisError, OSError) as exc:
+            state.metrics.rejections.child("queue_unavailable").inc()
+            message = f"the job queue is unreachable ({exc}); resume with Last-Event-ID: {prefix}{last}"
+            yield error_event("queue_unavailable", message)
+            return
+        if not got:
+            silent_reads += 1
+            if silent_reads % heartbeat_reads == 0:
+                pings.inc()
+                yield PING
+            continue
+        silent_reads = 0
+        out = bytearray()
+        for stream_id, chunk in got:
+            last = stream_id
+            if not chunk.final:
+                data = orjson.dumps({"token": chunk.data, "seq": chunk.seq})
+                out += sse_event(data, event="token", event_id=prefix + stream_id)
+                continue
+            end = _end_payload(chunk, model, prompt_tokens)
+            out += sse_event(orjson.dumps(end), event="done" if chunk.kind == "done" else "error")
+            yield bytes(out)
+            return
+        yield bytes(out)
+    yield error_event("timeout", f"no result for job {job_id!r} within its time limit")
+
+
+def _end_payload(chunk: Chunk, model: str, prompt_tokens: int) -> dict[str, object]:
+    """Direct mode's final event body (``streams.end_payload``) from a final chunk."""
+    body: dict[str, object] = {
+        "done": True,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": chunk.seq,
+            "total_tokens": prompt_tokens + chunk.seq,
+        },
+        "model": model,
+        "model_version": chunk.model_version,
+    }
+    if chunk.kind == "done":
+        body["finish_reason"] = chunk.data
+    else:
+        body["error"] = chunk.data
+        body["message"] = chunk.message or chunk.data
+        if chunk.data == "timeout":
+            body["kind"] = "total"
+    return body
+
+
+def _single_error(state: ServerState, code: str, message: str) -> Response:
+    async def events() -> AsyncIterator[bytes]:
+        yield b"retry: %d\n\n" % state.settings.sse_retry_ms + error_event(code, message)
+
+    return SseResponse(events(), None, {}, state.watchdog)
+
+
+class QueuedResponse(SseResponse):
+    """An SSE response over a job's results; its lease and connection count are released on every path."""
+
+    def __init__(self, state: ServerState, events: AsyncIterator[bytes], lease: Lease | None, headers: dict[str, str]):
+        super().__init__(events, None, headers, state.watchdog)
+        self.state = state
+        self.lease = lease
+        state.metrics.connection_opened("sse")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.state.metrics.connection_closed("sse")
+            self.state.admission.release(self.lease)

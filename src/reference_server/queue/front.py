@@ -1,0 +1,149 @@
+"""The front end's side of queue mode: enqueue jobs, read their results, end expired jobs, keep figures.
+
+The front end does no inference: ``/v1/stream`` enqueues a ``Job`` and streams the chunks workers write
+to the job's results stream. A background task (``run``) ends jobs past their deadline with a
+``timeout`` chunk (so a client whose job no worker took is not left hanging) and refreshes the queue's
+figures for ``/metrics`` and ``/stats``, which are read from Redis there and never on a scrape.
+
+Redis being unreachable is an answer, not a crash: requests get ``503 queue_unavailable`` with the
+reason, streams under way end in-band with the same error (and resume later with ``Last-Event-ID``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+from redis.exceptions import RedisError
+
+from reference_server.errors import Overloaded
+from reference_server.metrics import ServerMetrics
+from reference_server.queue.jobs import Chunk, Job
+from reference_server.queue.redis_streams import RedisStreams, connect
+
+log = logging.getLogger("reference_server.queue")
+
+READ_BLOCK_MS = 500  # one XREAD waits this long at most: a stream notices shutdown and heartbeats in time
+
+
+class QueueUnavailable(Overloaded):
+    """Redis cannot be reached (or refused the command): 503, retry later."""
+
+    def __init__(self, url: str, exc: BaseException) -> None:
+        detail = str(exc) or type(exc).__name__
+        super().__init__(f"the job queue at {url} is unreachable ({detail}); retry later", reason="queue_unavailable")
+
+
+@dataclass
+class QueueFront:
+    """One front-end process's handle on the queue."""
+
+    streams: RedisStreams
+    url: str
+    job_ttl_s: float
+    sweep_interval_s: float = 0.5
+    clock: Callable[[], float] = time.time
+    figures: dict[str, float] = field(default_factory=dict)  # the last refresh, for gauges
+    reachable: bool = True
+    stopping: bool = False  # set at the end of the shutdown grace period: streams end in-band
+
+    @classmethod
+    def connect(cls, url: str, prefix: str, job_ttl_s: float) -> QueueFront:
+        return cls(RedisStreams(connect(url), prefix), url, job_ttl_s)
+
+    def job(self, job_id: str, model: str, prompt: str, max_tokens: int | None, seed: int | None) -> Job:
+        return Job(job_id, model, prompt, max_tokens, seed, self.clock() + self.job_ttl_s)
+
+    async def submit(self, job: Job, owner: str) -> bool:
+        """Enqueue ``job``; False when its id is taken (a job with that id runs or its results are kept).
+
+        Raises:
+            QueueUnavailable: Redis cannot be reached.
+        """
+        try:
+            await self.streams.ensure_group()
+            return await self.streams.enqueue(job, owner) is not None
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(self.url, exc) from None
+
+    async def owner_of(self, job_id: str) -> str | None:
+        """Who enqueued ``job_id`` (None: unknown or expired).
+
+        Raises:
+            QueueUnavailable: Redis cannot be reached.
+        """
+        try:
+            return await self.streams.owner_of(job_id)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(self.url, exc) from None
+
+    async def read(self, job_id: str, after: str) -> list[tuple[str, Chunk]]:
+        """Result chunks after stream id ``after`` (waits up to ``READ_BLOCK_MS``); RedisError passes up."""
+        return await self.streams.read_after(job_id, after, READ_BLOCK_MS)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Every ``sweep_interval_s``: end expired jobs, refresh the figures. Outlives Redis outages."""
+        task_status.started()
+        while True:
+            try:
+                now = self.clock()
+                await self.streams.expire_jobs(now)
+                self.figures = await self.streams.figures(now)
+                if not self.reachable:
+                    log.warning("the job queue at %s is reachable again", self.url)
+                self.reachable = True
+            except (RedisError, OSError) as exc:
+                if self.reachable:
+                    log.warning("the job queue at %s is unreachable: %s", self.url, exc)
+                self.reachable = False
+            await anyio.sleep(self.sweep_interval_s)
+
+    def describe(self) -> dict[str, object]:
+        """For /stats: where the queue is (credentials masked), whether it answers, its last figures."""
+        url = re.sub(r"//[^@/]*@", "//***@", self.url)
+        return {"url": url, "prefix": self.streams.prefix, "reachable": self.reachable, "figures": self.figures}
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.streams.client.aclose()
+
+
+def register_queue_gauges(metrics: ServerMetrics, front: QueueFront) -> None:
+    """Queue figures on /metrics and /stats, from ``front``'s last refresh (never Redis on a scrape)."""
+
+    def jobs() -> dict[tuple[str, ...], float]:
+        f = front.figures
+        return {(k,): f[k] for k in ("pending", "waiting") if k in f}
+
+    def one(key: str) -> Callable[[], dict[tuple[str, ...], float]]:
+        return lambda: {(): front.figures[key]} if key in front.figures else {}
+
+    def events() -> dict[tuple[str, ...], float]:
+        names = ("enqueued", "completed", "reclaimed", "dead_lettered", "expired")
+        return {(n,): front.figures.get("count:" + n, 0.0) for n in names}
+
+    def deliveries() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for key, value in front.figures.items():
+            if key.startswith("count:deliveries:"):
+                n = key.removeprefix("count:deliveries:")
+                out[("4+" if n == "4" else n,)] = value
+        return out
+
+    metrics.gauge_callback("queue_jobs", "Queued jobs: pending (delivered, not acknowledged), waiting (undelivered)",
+                           ("state",), jobs)  # fmt: skip
+    metrics.gauge_callback("queue_workers", "Live queue workers (a heartbeat within 10 s)", (), one("workers"))
+    metrics.gauge_callback("queue_dead_letters", "Jobs in the dead-letter stream", (), one("dead_letters"))
+    metrics.gauge_callback(
+        "queue_reachable", "1 when the last refresh reached Redis, else 0", (), lambda: {(): float(front.reachable)}
+    )
+    metrics.counter_callback("queue_jobs_total", "Queue events summed over every process, by event", ("event",), events)
+    metrics.counter_callback(
+        "queue_job_deliveries_total", "Finished jobs by how many deliveries they took", ("deliveries",), deliveries
+    )
