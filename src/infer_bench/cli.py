@@ -496,6 +496,17 @@ def sweep(
 
 
 @app.command()
+def calibrate(
+    protocol: Annotated[str, typer.Option(help="http, sse, websocket or openai")] = "sse",
+    quick: Annotated[bool, typer.Option("--quick", help="A coarser search, about 30 s (default: under 3 min)")] = False,
+) -> None:
+    """Find this machine's per-process client ceiling and the tool's own TTFT/ITL overhead below it."""
+    from infer_bench.calibrate import run_calibration
+
+    run_calibration(protocol, quick=quick)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of scenario files, for editor autocompletion."""
     import json

@@ -13,9 +13,12 @@ Shape (``schema: infer-bench.result``, ``version: 2``)::
      series: [{t, started, succeeded, failed, tokens, dropped, ttft_p50_ms, ttft_p99_ms}],
      intervals: {metrics, windows: [{start_s, end_s, histograms: {metric: <base64>}}]},
      thresholds: [{metric, expression, ok, value, unit, abort_on_fail, aborted}] (absent: none checked),
-     errors: [ ... up to 100 samples ... ], start_epoch_ns, client: {cpu_by_second, pid},
+     errors: [ ... up to 100 samples ... ], start_epoch_ns, client: {cpu_by_second, loop_lag_ms_by_second, pid},
+     calibration?: {protocol, ceiling_rate, limited_by, measured_at, seconds_over, peak_rate, within}
+                                                  (this machine has an ``infer-bench calibrate`` record)
      shard?: {index, count}                       (one shard of a --processes run)
-     shards?: {count, parts: [...]}, client: {shards: [{shard, pid, cpu_by_second}]}  (merged)}
+     shards?: {count, parts: [...]}, client: {shards: [{shard, pid, cpu_by_second, loop_lag_ms_by_second}]}
+                                                  (merged; calibration is the worst shard's, ``within`` all's)}
 
 Durations in ``summary`` are milliseconds; histograms hold microseconds (``output_tokens``: counts).
 
@@ -93,7 +96,7 @@ def environment(argv: list[str] | None = None) -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "argv": redact_argv(argv if argv is not None else sys.argv),
         "git_revision": _git_revision(),
@@ -116,7 +119,8 @@ def redact_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), for results and calibrations."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
