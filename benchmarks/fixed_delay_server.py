@@ -28,9 +28,13 @@ Timing
     loop: p50 20.03 ms under load. Every request waits the same delay, so due times come in arrival order
     and one FIFO with one timer serves them all.
 
-    For every first-token write the server records its actual delay: from the read that completed the
-    request to just before the write. A client's TTFT minus this delay is the client's own error (the
-    send, the loopback hops, its own scheduling), free of the server's timer overshoot.
+    For every first-token write the server records its actual delay: from the moment the kernel received
+    the request's last bytes to just before the write. Connections are read with ``recvmsg`` and
+    ``SO_TIMESTAMPNS``, so that moment is the kernel's receive stamp, not the later one at which this
+    server's event loop got round to the read: under load that lateness is the server's, and counting it
+    in the server's delay keeps it out of the client's error. A client's TTFT minus this delay is the
+    client's own error (the send, the loopback hops, its own scheduling), free of the server's timer
+    overshoot and read lateness.
 
 Routes besides POST
     ``GET /healthz``          200 ``ok``, for readiness polling
@@ -57,9 +61,11 @@ import ctypes.util
 import hashlib
 import os
 import signal
+import socket
 import struct
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -281,7 +287,10 @@ class StreamProtocol(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
-        received_ns = time.monotonic_ns()
+        self.data_received_at(data, time.monotonic_ns())
+
+    def data_received_at(self, data: bytes, received_ns: int) -> None:
+        """``data`` that the kernel received at ``received_ns`` (CLOCK_MONOTONIC)."""
         self._buffer = self._buffer + data if self._buffer else data
         if self._websocket:
             self._serve_websocket(received_ns)
@@ -457,13 +466,144 @@ async def serve(host: str, port: int, delay_ms: float, tokens: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop)
-    listener = await loop.create_server(lambda: StreamProtocol(server), host, port, backlog=4096)
+    listener = StampedListener(loop, host, port, lambda: StreamProtocol(server))
     print(f"fixed-delay server on http://{host}:{port} (delay {delay_ms:g} ms, {tokens} tokens)", flush=True)
     try:
         await stop
     finally:
         listener.close()
         server.close(loop)
+
+
+# --- connections read with the kernel's receive time ---------------------------------------------------
+
+SO_TIMESTAMPNS = 35  # Linux <asm-generic/socket.h>; its control message type SCM_TIMESTAMPNS is the same
+_READ_SIZE = 256 * 1024
+
+
+def _realtime_offset_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC: kernel receive stamps are realtime, our clock is monotonic."""
+    samples = []
+    for _ in range(5):
+        before = time.monotonic_ns()
+        real = time.time_ns()
+        after = time.monotonic_ns()
+        samples.append((after - before, real - (before + after) // 2))
+    return min(samples)[1]  # the tightest bracket
+
+
+class StampedConnection:
+    """One accepted socket, read with ``recvmsg`` so each read carries its kernel receive time; written
+    directly (with a buffer for what the socket does not take at once). Enough transport for
+    ``StreamProtocol``: ``write``, ``close``, ``is_closing``."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: StreamProtocol, offset_ns: int
+    ) -> None:
+        self.loop, self.sock, self.protocol, self.offset_ns = loop, sock, protocol, offset_ns
+        self.fd = sock.fileno()
+        self._out = bytearray()
+        self._closing = False
+        self._closed = False
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        loop.add_reader(self.fd, self._readable)
+        protocol.connection_made(self)  # type: ignore[arg-type]  # duck-typed transport
+
+    def _readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(_READ_SIZE, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        if not data:
+            self._lost()
+            return
+        received = time.monotonic_ns()
+        for level, kind, stamp in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(stamp) >= 16:
+                seconds, nanos = struct.unpack("qq", stamp[:16])
+                received = min(received, seconds * 1_000_000_000 + nanos - self.offset_ns)
+        self.protocol.data_received_at(data, received)
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._out:
+            self._out += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        if sent < len(data):
+            self._out += data[sent:]
+            self.loop.add_writer(self.fd, self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = self.sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._lost()
+            return
+        del self._out[:sent]
+        if not self._out:
+            self.loop.remove_writer(self.fd)
+            if self._closing:
+                self._lost()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._closed
+
+    def close(self) -> None:
+        self._closing = True
+        if not self._out:
+            self._lost()
+
+    def _lost(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self.sock.close()
+        self.protocol.connection_lost(None)
+
+
+class StampedListener:
+    """Accepts connections as ``StampedConnection``s (asyncio's transports cannot hand out ``recvmsg``'s
+    control messages)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, host: str, port: int, protocol_factory: Callable[[], StreamProtocol]
+    ) -> None:
+        self.loop, self.protocol_factory = loop, protocol_factory
+        self.offset_ns = _realtime_offset_ns()
+        self.sock = socket.create_server((host, port), backlog=4096, reuse_port=False)
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(256):  # what is waiting now, bounded; the rest on the next wake-up
+            try:
+                client, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            StampedConnection(self.loop, client, self.protocol_factory(), self.offset_ns)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 def main() -> None:

@@ -393,7 +393,7 @@ stream_lines = st.lists(
         [
             *(b"id: 7\n", b"id: r:12\n", b"id: \n", b"id: a\x00b\n", b"event: token\n", b"event: \n", b"event: done\n"),
             *(b"data: {}\n", b"data: \n", b"data:x\n", b"data:  two\n", b"\n", b"\n", b"\n", b": ping\n"),
-            *(b"retry: 5\n", b"id:9\n", b"\r\n", b"\r", b"data: \xc3\xa9\n", b"foo: bar\n"),
+            *(b"retry: 5\n", b"id:9\n", b"\r\n", b"\r", b"data: \xc3\xa9\n", b"foo: bar\n", b"event: tokens\n"),
         ]
     ),
     max_size=40,
@@ -426,3 +426,49 @@ def test_a_stream_of_simple_events_after_a_retry_field_keeps_every_id() -> None:
     assert decoder.retry_ms == 1000
     assert decoder.last_event_id == "r:4"  # the id of an event not yet ended does not count
     assert decoder.feed(b"data: x\n\n") == [SSEEvent(event="message", data="x", id="r:5")]
+
+
+def decode_tallied(chunks: list[bytes], kind: str) -> tuple[int, list[SSEEvent], SSEDecoder]:
+    decoder = SSEDecoder()
+    count, events = 0, []
+    for chunk in chunks:
+        found, others = decoder.feed_tally(chunk, kind)
+        count += found
+        events += others
+    return count, events, decoder
+
+
+@FAST
+@given(stream_lines, st.data(), st.sampled_from(["token", "message", "done"]))
+def test_tallying_counts_exactly_the_events_feed_would_return(stream: bytes, data: st.DataObject, kind: str) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    expected_events, expected_id, expected_retry, expected_comments = reference_decode(stream)
+    count, others, decoder = decode_tallied(split_at(stream, cuts), kind)
+    assert count == sum(1 for e in expected_events if e.event == kind)
+    assert others == [e for e in expected_events if e.event != kind]  # in order, with their ids
+    assert (decoder.last_event_id, decoder.retry_ms, decoder.comments) == (
+        expected_id,
+        expected_retry,
+        expected_comments,
+    )
+
+
+@FAST
+@given(noise, st.data())
+def test_tallying_noise_matches_the_reference(stream: bytes, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+    expected_events, expected_id, _, _ = reference_decode(stream)
+    count, others, decoder = decode_tallied(split_at(stream, cuts), "message")
+    assert count == sum(1 for e in expected_events if e.event == "message")
+    assert others == [e for e in expected_events if e.event != "message"]
+    assert decoder.last_event_id == expected_id
+
+
+def test_a_native_stream_is_tallied_without_building_its_token_events() -> None:
+    tokens = b"".join(b'id: r:%d\nevent: token\ndata: {"seq":%d}\n\n' % (i, i) for i in range(63))
+    stream = b"retry: 3000\n\n" + tokens + b'event: done\ndata: {"finish_reason":"length"}\n\n'
+    count, others, decoder = decode_tallied([stream], "token")
+    assert count == 63
+    assert others == [SSEEvent("done", '{"finish_reason":"length"}', "r:62")]
+    assert decoder.last_event_id == "r:62"
+    assert decoder.retry_ms == 3000

@@ -140,17 +140,22 @@ class SSEExchange(Exchange):
 
     def read(self, data: bytes, now: int) -> None:
         try:
-            events = self.decoder.feed(data)
+            counted, events = self.decode(data)
         except ProtocolError as exc:
             self.stop(Outcome.PROTOCOL_ERROR, now, str(exc))
             return
-        if not events:
+        if not counted and not events:
             return
         # All tokens of one read arrived together: they are counted in one go (one gap, then zero gaps).
-        if (tokens := self.take(events, now)) and self.tl.outcome is None:
+        tokens = counted + (self.take(events, now) if events else 0)
+        if tokens and self.tl.outcome is None:
             self.tokens(now, tokens)
         if self.read_delay_s > 0 and self.tl.outcome is None:
-            self.conn.pause_reading_for(self.read_delay_s * len(events))
+            self.conn.pause_reading_for(self.read_delay_s * (counted + len(events)))
+
+    def decode(self, data: bytes) -> tuple[int, list[SSEEvent]]:
+        """Token events counted (never built: they carry nothing we read), and the other events."""
+        return self.decoder.feed_tally(data, "token")
 
     def take(self, events: list[SSEEvent], now: int) -> int:
         """Act on one read's events; returns how many tokens they carried."""
@@ -174,6 +179,9 @@ class SSEExchange(Exchange):
 
 class OpenAIExchange(SSEExchange):
     """An OpenAI-compatible stream: ``data:`` chunks, role-only deltas skipped, ``[DONE]`` last."""
+
+    def decode(self, data: bytes) -> tuple[int, list[SSEEvent]]:
+        return 0, self.decoder.feed(data)  # every chunk is parsed: whether it carries text is in its JSON
 
     def take(self, events: list[SSEEvent], now: int) -> int:
         tokens = 0

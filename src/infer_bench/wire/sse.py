@@ -47,6 +47,19 @@ _new_tuple = tuple.__new__
 # do not match, and leave the event to the general rules.
 _SIMPLE_EVENT: Final = re.compile(r"(?:id: ([^\n\x00]*)\n)?(?:event: ([^\n]*)\n)?data: ([^\n]*)\n\n")
 _find_simple_events = _SIMPLE_EVENT.finditer
+# A run of simple events, matched in one C call: where ``feed_tally`` counts instead of building events.
+_SIMPLE_RUN: Final = re.compile(r"(?:(?:id: [^\n\x00]*\n)?(?:event: [^\n]*\n)?data: [^\n]*\n\n)+")
+_match_simple_run = _SIMPLE_RUN.match
+_OTHER_STARTS: dict[str, re.Pattern[str]] = {}
+
+
+def _other_starts(kind: str) -> re.Pattern[str]:
+    """The blank lines (in a simple run) after which an event that is not of type ``kind`` starts: a literal
+    ``\\n\\n`` first, so the regular expression engine skips ahead instead of trying every position."""
+    pattern = _OTHER_STARTS.get(kind)
+    if pattern is None:
+        pattern = _OTHER_STARTS[kind] = re.compile(r"\n\n(?!(?:id: [^\n]*\n)?event: " + re.escape(kind) + r"\n)")
+    return pattern
 
 
 class SSEDecoder:
@@ -112,6 +125,19 @@ class SSEDecoder:
             ProtocolError: a line or an event's data is longer than ``max_event_bytes`` (events completed
                 earlier in the same chunk are not returned).
         """
+        return self._feed(chunk, None)[1]
+
+    def feed_tally(self, chunk: bytes, kind: str) -> tuple[int, list[SSEEvent]]:
+        """As ``feed``, but events of type ``kind`` are only counted: ``(how many, the other events)``.
+
+        A client that needs just the number of token events in a read (their data unread) is spared
+        building one object per token: in runs of simple events they are counted in C (``str.count``),
+        and only the other events (a ``done``, an ``error``) are built. ``last_event_id`` and every other
+        state end as ``feed`` leaves them; the other events keep their order.
+        """
+        return self._feed(chunk, kind)
+
+    def _feed(self, chunk: bytes, tally: str | None) -> tuple[int, list[SSEEvent]]:
         if (error := self._error) is not None:
             raise error
         start = self._bytes_seen
@@ -140,23 +166,28 @@ class SSEDecoder:
                     raise self._fail(
                         f"SSE line longer than max_event_bytes={self._max} (no line end by {self._where()})"
                     )
-            return []
+            return 0, []
         if tail:
             tail.append(text)
             text = "".join(tail)
             tail.clear()
         self._tail_len = 0
         events: list[SSEEvent] = []
+        counted = 0
         if len(text) > self._max:  # a line may be over the limit: every line goes through the checks
             self._apply_lines(text, events, start)
-            return events
+            return self._tallied(tally, counted, events)
         # Simple events where they are (at event boundaries), the general rules from a break in them to the next
         # blank line (an event boundary again), and so on: a stream that opens with ``retry`` or sends a
         # ``: ping`` now and then still takes its tokens the fast way.
         pos, end = 0, len(text)
         while pos < end:
             if not self._data and not self._event_type:
-                pos = self._take_simple_events(text, pos, events)
+                if tally is None:
+                    pos = self._take_simple_events(text, pos, events)
+                else:
+                    pos, found = self._count_simple_events(text, pos, events, tally)
+                    counted += found
                 if pos == end:
                     break
             boundary = text.find("\n\n", pos)
@@ -165,7 +196,47 @@ class SSEDecoder:
                 break
             self._apply_lines(text[pos : boundary + 2], events, start)
             pos = boundary + 2
-        return events
+        return self._tallied(tally, counted, events)
+
+    @staticmethod
+    def _tallied(tally: str | None, counted: int, events: list[SSEEvent]) -> tuple[int, list[SSEEvent]]:
+        """Events the general rules built that ``tally`` counts are counted too (and not returned)."""
+        if tally is None or not events:
+            return counted, events
+        others = [event for event in events if event[0] != tally]
+        return counted + len(events) - len(others), others
+
+    def _count_simple_events(self, text: str, pos: int, events: list[SSEEvent], kind: str) -> tuple[int, int]:
+        """At an event boundary: the run of simple events from ``pos``, its ``kind`` events counted and the
+        others built; returns where the run ends and the count."""
+        if kind == "message":  # data-only events are messages too: no event line to count them by
+            return self._take_simple_events(text, pos, events), 0
+        run = _match_simple_run(text, pos)
+        if run is None:
+            return pos, 0
+        end = run.end()
+        total = text.count("\n\n", pos, end)  # one blank line ends each event of a simple run
+        needle = "\nevent: " + kind + "\n"  # in a simple run only the event field starts with "event: "
+        counted = text.count(needle, pos - 1 if pos else 0, end)
+        if not pos and text.startswith(needle[1:]):
+            counted += 1
+        id_buffer = self._id_buffer
+        if counted < total:
+            starts = [pos] if not text.startswith(needle[1:], pos) else []
+            starts += [m.end() for m in _other_starts(kind).finditer(text, pos, end)]
+            append, new_tuple = events.append, _new_tuple
+            for event_start in starts:
+                match = _SIMPLE_EVENT.match(text, event_start, end) if event_start < end else None
+                if match is None:
+                    continue
+                event_id, event_type, payload = match.groups()
+                if event_type == kind:  # the event at ``pos``, checked here rather than by the lookahead
+                    continue
+                if event_id is None:
+                    event_id = _last_id(text, pos, event_start, id_buffer)
+                append(new_tuple(SSEEvent, (event_type or "message", payload, event_id)))
+        self._id_buffer = self.last_event_id = _last_id(text, pos, end, id_buffer)
+        return end, counted
 
     def _take_simple_events(self, text: str, pos: int, events: list[SSEEvent]) -> int:
         """Dispatch the simple events that follow each other from ``pos``; returns where they stop."""
@@ -306,3 +377,15 @@ class SSEDecoder:
 
     def _span(self, start: int) -> str:
         return f"the chunk at stream bytes {start}..{self._bytes_seen}"
+
+
+def _last_id(text: str, start: int, end: int, before: str | None) -> str | None:
+    """The value of the last ``id:`` line of the simple events in ``text[start:end]``, else ``before``."""
+    at = text.rfind("\nid: ", start - 1 if start else 0, end)
+    if at < 0:
+        if start == 0 and text.startswith("id: "):
+            at = -1  # the id line that opens the text
+        else:
+            return before
+    value_start = at + 5
+    return text[value_start : text.index("\n", value_start)]
