@@ -70,10 +70,13 @@ def merge_results(parts: Sequence[Mapping[str, Any]], thresholds: Sequence[Thres
     merged["client"] = {
         "shards": [
             {"shard": _label(p, i), "pid": (p.get("client") or {}).get("pid"),
-             "cpu_by_second": (p.get("client") or {}).get("cpu_by_second", [])}
+             "cpu_by_second": (p.get("client") or {}).get("cpu_by_second", []),
+             "loop_lag_ms_by_second": (p.get("client") or {}).get("loop_lag_ms_by_second", [])}
             for i, p in enumerate(parts)
         ]
     }  # fmt: skip
+    if (note := _calibration(parts)) is not None:
+        merged["calibration"] = note
     merged["shards"] = {
         "count": len(parts),
         "parts": [
@@ -207,6 +210,15 @@ def _errors(parts: Sequence[Mapping[str, Any]], offsets: Sequence[int]) -> list[
         for e in p.get("errors", [])
     ]
     return sorted(errors, key=lambda e: e["t_s"])[:MAX_ERRORS]
+
+
+def _calibration(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The calibrated range is per process: the merged run stood as its worst shard did."""
+    notes = [(p["calibration"], _label(p, i)) for i, p in enumerate(parts) if p.get("calibration")]
+    if not notes:
+        return None
+    worst, label = max(notes, key=lambda n: (n[0].get("seconds_over", 0), n[0].get("peak_rate", 0.0)))
+    return {**worst, "within": all(n.get("within", True) for n, _ in notes), "shard": label}
 
 
 def _warnings(parts: Sequence[Mapping[str, Any]]) -> list[str]:

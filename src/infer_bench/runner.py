@@ -44,6 +44,8 @@ from infer_bench.thresholds import evaluate, first_abort
 
 CPU_WARNING = 0.70
 LAG_WARNING_MS = 10.0  # a send this late against its schedule means the client cannot keep up
+LOOP_LAG_WARNING_MS = 50.0  # an event loop this late on a timer delays every stamp taken meanwhile
+TICK_S = 0.1
 UNREACHABLE_S = 3  # seconds in a row with connection failures and no success end the run
 SERVER_START_TIMEOUT_S = 30.0
 MAX_START_WAIT_S = 60.0  # a shard told to start later than this was given a wrong --start-at
@@ -70,6 +72,8 @@ class RunState:
     start_ns: int = 0
     start_epoch_ns: int = 0
     cpu_by_second: list[float] = field(default_factory=list)
+    loop_lag_ms_by_second: list[float] = field(default_factory=list)
+    """The latest the 100 ms tick woke in each second: how long the event loop was busy with other work."""
     stop_reason: str | None = None
     thresholds: tuple[Threshold, ...] = ()
     """Thresholds checked at the end; those with ``abort_on_fail`` also every second."""
@@ -292,23 +296,44 @@ async def _run(
         measures = Measures.from_recorder(recorder, duration_s)
         result["thresholds"] = [r.to_json() for r in evaluate(state.thresholds, measures, state.aborted_by)]
     result["headline"]["interrupted"] = sum(p.interrupted for p in swarm.progress.values())
-    result["warnings"] = _cpu_warnings(state) + _lag_warnings(recorder)
-    result["client"] = {"cpu_by_second": [round(c, 3) for c in state.cpu_by_second], "pid": os.getpid()}
+    result["warnings"] = _cpu_warnings(state) + _lag_warnings(recorder) + _loop_lag_warnings(state)
+    result["client"] = {
+        "cpu_by_second": [round(c, 3) for c in state.cpu_by_second],
+        "loop_lag_ms_by_second": [round(lag, 3) for lag in state.loop_lag_ms_by_second],
+        "pid": os.getpid(),
+    }
+    _check_calibrated_range(result)
     return result
+
+
+def _check_calibrated_range(result: dict[str, Any]) -> None:
+    """Note how this process's rate stood against this machine's calibration, and warn beyond it."""
+    from infer_bench.calibration import load_calibrations, range_note, range_warnings, run_protocols
+
+    note = range_note(result["series"], run_protocols(result), load_calibrations())
+    if note is not None:
+        result["calibration"] = note
+        result["warnings"] += range_warnings(note)
 
 
 async def _tick(swarm: Swarm, recorder: Recorder, state: RunState, live: Live | None) -> None:
     """Once a second: fold buffers into histograms, sample client CPU, refresh the live view."""
     last_wall, last_cpu = time.perf_counter(), time.process_time()
     last_live = 0.0
+    loop_lag_s = 0.0
     while True:
         # Fold buffers often: at 4,000 streams/s a once-a-second fold of ~250k gaps stalled the loop
         # for 20-40 ms (profiled), which every arrival in that window paid as latency.
-        await asyncio.sleep(0.1)
+        slept_at = time.perf_counter()
+        await asyncio.sleep(TICK_S)
+        # How late this tick woke is the event loop's lag: measured on the timer the run has anyway.
+        loop_lag_s = max(loop_lag_s, time.perf_counter() - slept_at - TICK_S)
         recorder.flush()
         now_wall, now_cpu = time.perf_counter(), time.process_time()
         if now_wall - last_wall >= 1.0:
             state.cpu_by_second.append((now_cpu - last_cpu) / (now_wall - last_wall))
+            state.loop_lag_ms_by_second.append(loop_lag_s * 1000)
+            loop_lag_s = 0.0
             last_wall, last_cpu = now_wall, now_cpu
             elapsed_s = (time.perf_counter_ns() - state.start_ns) / 1e9
             state.intervals.take(elapsed_s, recorder)
@@ -373,6 +398,16 @@ def _lag_warnings(recorder: Recorder) -> list[str]:
     return [
         f"the client's schedule ran more than {LAG_WARNING_MS:g} ms late in {len(late)} s of the run "
         f"(worst {worst:,.1f} ms): open-loop latencies include that wait (they count from the schedule)"
+    ]
+
+
+def _loop_lag_warnings(state: RunState) -> list[str]:
+    stalled = [lag for lag in state.loop_lag_ms_by_second if lag > LOOP_LAG_WARNING_MS]
+    if not stalled:
+        return []
+    return [
+        f"the client's event loop woke more than {LOOP_LAG_WARNING_MS:g} ms late in {len(stalled)} s of the run "
+        f"(worst {max(stalled):,.0f} ms): every stamp taken meanwhile waited as long (a busy client or machine)"
     ]
 
 

@@ -80,6 +80,12 @@ def render_summary(result: dict[str, Any]) -> Group:
         )
     for warning in result.get("warnings", []):
         parts.append(Text(f"⚠ {warning}", style="bold yellow"))
+    note = result.get("calibration")
+    if note and note.get("within"):
+        parts.append(Text(
+            f"client: within this machine's calibrated range ({note['protocol']}: up to "
+            f"{note['ceiling_rate']:,.0f} req/s per process; peak {note['peak_rate']:,.0f}/s)", style="dim",
+        ))  # fmt: skip
     return Group(*parts)
 
 
