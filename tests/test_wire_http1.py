@@ -19,6 +19,7 @@ from infer_bench.wire.http1 import (
     ResponseParser,
     Upgraded,
     encode_request,
+    request_with_body,
 )
 
 FAST = settings(max_examples=200, deadline=None)
@@ -521,3 +522,15 @@ def test_arbitrary_bytes_give_events_or_protocol_error(chunks: list[bytes], head
         parser.eof()
     except ProtocolError:
         pass
+
+
+@pytest.mark.parametrize("body", [b"", b"{}", b'{"prompt": "x"}' * 50])
+def test_a_request_maker_builds_what_encode_request_builds(body: bytes) -> None:
+    headers = {"content-type": "application/json", "accept": "text/event-stream"}
+    make = request_with_body("POST", "127.0.0.1:8000", "/v1/stream", headers)
+    assert make(body) == encode_request("POST", "127.0.0.1:8000", "/v1/stream", headers, body)
+
+
+def test_a_request_maker_refuses_a_bad_head_at_once() -> None:
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        request_with_body("POST", "h", "/p", {"x-evil": "a\r\nInjected: 1"})

@@ -19,7 +19,7 @@ import orjson
 from infer_bench.clients.exchange import Exchange, HttpExchange, OpenAIExchange, SSEExchange
 from infer_bench.errors import UsageError
 from infer_bench.scenario import PromptSource, UserClass
-from infer_bench.wire.http1 import encode_request
+from infer_bench.wire.http1 import encode_request, request_with_body
 from reference_server.models.vocabulary import WORDS
 
 
@@ -86,8 +86,10 @@ def request_factory(user_class: UserClass, target: Target) -> RequestFactory:
         extra = {"max_tokens": req.max_tokens} if req.max_tokens is not None else {}
         base = {**req.body, **extra}
 
+        make = request_with_body("POST", host, req.path, headers)
+
         def build_sse(prompt: str) -> bytes:
-            return encode_request("POST", host, req.path, headers, orjson.dumps({**base, "prompt": prompt}))
+            return make(orjson.dumps({**base, "prompt": prompt}))
 
         return RequestFactory(SSEExchange, build_sse)
     if user_class.protocol == "openai":
@@ -105,8 +107,10 @@ def _openai_factory(req: Any, host: str) -> RequestFactory:
     if req.stream and req.include_usage:
         base["stream_options"] = {"include_usage": True}
 
+    make = request_with_body("POST", host, path, headers)
+
     def build(prompt: str) -> bytes:
         body = {**base, "messages": [{"role": "user", "content": prompt}]} if chat else {**base, "prompt": prompt}
-        return encode_request("POST", host, path, headers, orjson.dumps(body))
+        return make(orjson.dumps(body))
 
     return RequestFactory(OpenAIExchange if req.stream else HttpExchange, build)
