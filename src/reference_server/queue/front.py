@@ -66,8 +66,7 @@ class QueueFront:
         Raises:
             QueueUnavailable: Redis cannot be reached.
         """
-        try:
-            await self.streams.ensure_group()
+        try:  # the workers make the consumer group (from id 0): jobs enqueued before it are still read
             return await self.streams.enqueue(job, owner) is not None
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(self.url, exc) from None

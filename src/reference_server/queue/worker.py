@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from reference_server.queue.jobs import BadJob, Chunk, Job
 from reference_server.queue.redis_streams import GROUP, UNREACHABLE, RedisStreams, _decode, _text
 
@@ -91,10 +93,12 @@ class Worker:
                     recovered = True
                 await self.step()
                 failures = 0
-            except UNREACHABLE as exc:
+            except (*UNREACHABLE, ResponseError) as exc:
+                # A Redis that came back empty answers NOGROUP: make the group again, then go on.
+                recovered = False
                 delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
                 failures += 1
-                log.warning("worker %s: Redis unreachable (%s); retrying in %g s", self.name, exc, delay)
+                log.warning("worker %s: Redis failed (%s); retrying in %g s", self.name, exc, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         await self._leave()
