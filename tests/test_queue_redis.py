@@ -221,3 +221,42 @@ async def test_trimming_never_deletes_a_pending_or_unread_job(streams: RedisStre
     await streams.trim_jobs()
     remaining = [entry_id.decode() for entry_id, _ in await streams.client.xrange(streams.jobs)]
     assert remaining == ids[2:]  # only acknowledged entries went
+
+
+@pytest.mark.anyio
+async def test_a_long_job_keeps_its_claim_while_another_worker_tries_to_reclaim(streams: RedisStreams) -> None:
+    """The running worker refreshes its claim well within min_idle_ms, so a live job is never taken over."""
+    await streams.ensure_group()
+    await streams.enqueue(job("long", 30))
+    runner = Worker(streams, "runner", lambda j, sent: tokens_of(j, sent, step_s=0.02), min_idle_ms=200)
+    reaper = Worker(streams, "reaper", tokens_of, min_idle_ms=200)
+    task = asyncio.create_task(runner.process(await runner._read(">")))
+    reclaimed = 0
+    while not task.done():  # bounded by the job: 30 steps of 20 ms
+        reclaimed += await reaper.reclaim()
+        await asyncio.sleep(0.02)
+    await task
+    assert reclaimed == 0
+    chunks = await collect(streams, "long")
+    assert [c.seq for c in chunks] == list(range(31))
+
+
+@pytest.mark.anyio
+async def test_new_jobs_join_a_running_batch_at_a_step_boundary(streams: RedisStreams) -> None:
+    await streams.ensure_group()
+    await streams.enqueue(job("first", 20))
+    worker = Worker(streams, "w1", lambda j, sent: tokens_of(j, sent, step_s=0.01), batch_size=4)
+    task = asyncio.create_task(worker.step())
+    for _ in range(200):
+        if (last := await streams.last_chunk("first")) is not None and last.seq >= 2:
+            break
+        await asyncio.sleep(0.005)
+    await streams.enqueue(job("second", 3))
+    await asyncio.wait_for(task, 10)
+    second = [entry_id async for entry_id, _ in streams.read_results("second", block_ms=100, max_wait_s=5)]
+    first = [entry_id async for entry_id, _ in streams.read_results("first", block_ms=100, max_wait_s=5)]
+
+    def position(entry_id: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in entry_id.split("-"))
+
+    assert position(second[-1]) < position(first[-1])  # "second" ended inside "first"'s batch, not after it

@@ -75,6 +75,7 @@ class Worker:
     clock: Callable[[], float] = time.time
     _last_reclaim: float = field(default=0.0, repr=False)
     _last_beat: float = field(default=0.0, repr=False)
+    _stop: asyncio.Event | None = field(default=None, repr=False)  # no new jobs join once it is set
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop``: own pending jobs first (a restarted worker), then new ones, reclaiming idle ones.
@@ -85,6 +86,7 @@ class Worker:
         """
         failures = 0
         recovered = False
+        self._stop = stop
         while not stop.is_set():
             try:
                 if not recovered:
@@ -119,24 +121,30 @@ class Worker:
         if now - self._last_reclaim >= self.min_idle_ms / 4000:
             self._last_reclaim = now
             await self.reclaim()
-        count = self.batch_size
-        if self.bucket is not None:
-            count = min(count, self.bucket.available(now))
-            if count < 1:
-                await self.sleep(min(self.bucket.wait_s(), 1.0))
-                return
+        count = self._allowed(self.batch_size)
+        if count < 1:
+            await self.sleep(min(self.bucket.wait_s() if self.bucket else 0.0, 1.0))
+            return
         entries = await self._read(">", count)
         if self.bucket is not None:
             self.bucket.take(len(entries))
-        await self.process(entries)
+        await self.process(entries, admit_new=True)
+
+    def _allowed(self, count: int) -> int:
+        """How many of ``count`` jobs the bucket lets us take now."""
+        if self.bucket is None:
+            return count
+        return min(count, self.bucket.available(time.monotonic()))
 
     async def _leave(self) -> None:
         """Leave the live-worker set (a clean exit; a crashed worker ages out of it)."""
         with contextlib.suppress(*UNREACHABLE):
             await self.streams.client.zrem(self.streams.workers, self.name)
 
-    async def _read(self, start: str, count: int | None = None) -> list[tuple[str, dict[str, str]]]:
-        block = None if start == "0" else self.batch_timeout_ms
+    async def _read(
+        self, start: str, count: int | None = None, *, wait: bool = True
+    ) -> list[tuple[str, dict[str, str]]]:
+        block = self.batch_timeout_ms if start == ">" and wait else None
         reply: Any = await self.streams.client.xreadgroup(
             GROUP, self.name, {self.streams.jobs: start}, count=count or self.batch_size, block=block
         )
@@ -183,50 +191,84 @@ class Worker:
         await streams.count("dead_lettered")
 
     async def process(
-        self, entries: list[tuple[str, dict[str, str]]], deliveries: dict[str, int] | None = None
+        self,
+        entries: list[tuple[str, dict[str, str]]],
+        deliveries: dict[str, int] | None = None,
+        *,
+        admit_new: bool = False,
     ) -> None:
-        """Run a batch: the jobs advance together, one token each per step, as a batching engine does."""
+        """Run a batch: its jobs advance together, one token each per step, as a batching engine does.
+
+        With ``admit_new``, new jobs join at step boundaries while the batch has room (continuous
+        batching: one non-blocking read per step), until ``stop`` is set.
+        """
+        running = await self._start(entries, deliveries)
+        while running:
+            wait = max(step.wait for step in running)
+            if wait > 0:
+                await self.sleep(wait)
+            if any(time.monotonic() - r.claimed_at >= self.min_idle_ms / 3000 for r in running):
+                running = await self._refresh(running)
+            still = []
+            for state in running:
+                if await state.advance(self):
+                    still.append(state)
+            running = still
+            room = self.batch_size - len(running)
+            if (
+                admit_new
+                and room > 0
+                and not (self._stop and self._stop.is_set())
+                and (count := self._allowed(room)) > 0
+            ):
+                joined = await self._read(">", count, wait=False)
+                if joined:
+                    if self.bucket is not None:
+                        self.bucket.take(len(joined))
+                    running += await self._start(joined, None, len(running))
+
+    async def _start(
+        self, entries: list[tuple[str, dict[str, str]]], deliveries: dict[str, int] | None, already: int = 0
+    ) -> list[_Running]:
         if not entries:
-            return
+            return []
         if self.on_batch is not None:
-            self.on_batch(len(entries))
-        running = []
+            self.on_batch(already + len(entries))
+        started = []
         for entry_id, fields in entries:
             try:
                 job = Job.from_fields(fields)
             except BadJob:
                 await self.streams.client.xack(self.streams.jobs, GROUP, entry_id)  # never ours to run
                 continue
-            delivered = (deliveries or {}).get(entry_id, 1)
-            running.append(await self._resume(entry_id, job, delivered))
-        refreshed_at = time.monotonic()
-        while running:
-            wait = max(step.wait for step in running)
-            if wait > 0:
-                await self.sleep(wait)
-            if time.monotonic() - refreshed_at >= self.min_idle_ms / 3000:
-                running = await self._refresh(running, time.monotonic() - refreshed_at)
-                refreshed_at = time.monotonic()
-            still = []
-            for state in running:
-                if await state.advance(self):
-                    still.append(state)
-            running = still
+            started.append(await self._resume(entry_id, job, (deliveries or {}).get(entry_id, 1)))
+        return started
 
-    async def _refresh(self, running: list[_Running], since_s: float) -> list[_Running]:
+    async def _refresh(self, running: list[_Running]) -> list[_Running]:
         """Reset the idle time of our running jobs so no reaper takes them; drop any taken already.
 
-        ``min_idle_time`` is the time since our last refresh, less a margin: a job another worker claimed
-        meanwhile has been idle for less than that (its claim reset it), so our claim fails and we stop.
+        Per group of jobs claimed at one moment, ``min_idle_time`` is the time since that claim, less a
+        margin: a job another worker claimed meanwhile has been idle for less (its claim reset it), so our
+        claim fails and we stop writing it. ``JUSTID`` keeps the delivery count as it is.
         """
-        ids: list[Any] = [r.entry_id for r in running]
-        min_idle = max(0, int(since_s * 1000) - 50)
-        kept: Any = await self.streams.client.xclaim(self.streams.jobs, GROUP, self.name, min_idle, ids, justid=True)
-        ours = {_text(entry_id) for entry_id in kept}
+        now = time.monotonic()
+        groups: dict[float, list[Any]] = {}
         for r in running:
-            if r.entry_id not in ours:
+            groups.setdefault(r.claimed_at, []).append(r.entry_id)
+        async with self.streams.client.pipeline(transaction=False) as pipe:
+            for claimed_at, ids in groups.items():
+                min_idle = max(0, int((now - claimed_at) * 1000) - 50)
+                pipe.xclaim(self.streams.jobs, GROUP, self.name, min_idle, ids, justid=True)
+            replies = await pipe.execute()
+        ours = {_text(entry_id) for reply in replies for entry_id in reply}
+        kept = []
+        for r in running:
+            if r.entry_id in ours:
+                r.claimed_at = now
+                kept.append(r)
+            else:
                 log.warning("worker %s: job %s was taken over by another worker; leaving it", self.name, r.job.id)
-        return [r for r in running if r.entry_id in ours]
+        return kept
 
     async def _resume(self, entry_id: str, job: Job, deliveries: int) -> _Running:
         last = await self.streams.last_chunk(job.id)
@@ -244,6 +286,7 @@ class _Running:
     seq: int
     deliveries: int = 1
     done: bool = False
+    claimed_at: float = field(default_factory=time.monotonic)  # when it was delivered or last refreshed
     wait: float = 0.0
     _next: Chunk | None = None
 
