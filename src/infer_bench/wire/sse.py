@@ -42,6 +42,7 @@ class SSEEvent(NamedTuple):
 # A named tuple, because one is made for every event: ``tuple.__new__`` builds it in ~120 ns, where a frozen
 # dataclass takes ~250 ns even with its slots set directly.
 _new_tuple = tuple.__new__
+_BOM: Final = b"\xef\xbb\xbf"
 
 # One event of the common shape; an ``id`` holding NUL (which WHATWG ignores) or a missing space after a colon
 # do not match, and leave the event to the general rules.
@@ -76,6 +77,7 @@ class SSEDecoder:
 
     __slots__ = (
         "_after_cr",
+        "_bom_decided",
         "_bytes_seen",
         "_data",
         "_data_len",
@@ -101,7 +103,8 @@ class SSEDecoder:
         self._max = max_event_bytes
         # WHATWG: the stream is UTF-8 with errors replaced, and one leading BOM is ignored; the "utf-8-sig"
         # incremental decoder does both, also when a character or the BOM is split across chunks.
-        self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        self._decoder: codecs.IncrementalDecoder | None = None  # made on need: most streams never need it
+        self._bom_decided = False
         # While the decoder holds part of a character (or has not yet seen whether a BOM starts the stream)
         # every chunk goes through it; otherwise a chunk of whole, valid UTF-8 takes C's bytes.decode.
         self._decoder_busy = True
@@ -330,7 +333,9 @@ class SSEDecoder:
         """
         if (error := self._error) is not None:
             raise error
-        self._decoder.reset()
+        if self._decoder is not None:
+            self._decoder.reset()
+        self._bom_decided = False
         self._decoder_busy = True
         self._after_cr = False
         self._tail.clear()
@@ -363,8 +368,26 @@ class SSEDecoder:
                 )
 
     def _decode_slowly(self, chunk: bytes) -> str:
-        text = self._decoder.decode(chunk)
-        pending, bom_undecided = self._decoder.getstate()
+        if not self._bom_decided and self._decoder is None and len(chunk) >= 3:
+            # A first chunk long enough to tell whether the stream opens with a BOM: usually whole UTF-8.
+            self._bom_decided = True
+            if chunk[:3] == _BOM:
+                chunk = chunk[3:]
+            try:
+                text = chunk.decode()
+            except UnicodeDecodeError:
+                pass  # the incremental decoder takes it, told that the BOM question is settled
+            else:
+                self._decoder_busy = False
+                return text
+        decoder = self._decoder
+        if decoder is None:
+            decoder = self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+            if self._bom_decided:
+                decoder.setstate((b"", 0))
+        text = decoder.decode(chunk)
+        pending, bom_undecided = decoder.getstate()
+        self._bom_decided = not bom_undecided
         self._decoder_busy = bool(pending) or bool(bom_undecided)
         return text
 
