@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -163,15 +164,27 @@ class RedisStreams:
         return Chunk.from_fields(_decode(reply[0][1])) if reply else None
 
     async def write(self, job_id: str, chunk: Chunk) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            self.write_into(pipe, job_id, chunk)
+            await pipe.execute()
+
+    def write_into(self, pipe: Pipeline, job_id: str, chunk: Chunk) -> None:
+        """Queue the writes of one chunk on ``pipe``: a final chunk also starts its stream's expiry.
+
+        Commands of one pipeline run in order on one connection, so a job's acknowledgement queued after
+        its final chunk never lands without it.
+        """
         key = self.results(job_id)
+        pipe.xadd(key, chunk.fields())  # type: ignore[arg-type]  # redis-py's field type is too narrow
         if chunk.final:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xadd(key, chunk.fields())  # type: ignore[arg-type]
-                pipe.expire(key, RESULT_TTL_S)
-                pipe.zrem(self.deadlines, job_id)
-                await pipe.execute()
-        else:
-            await self.client.xadd(key, chunk.fields())  # type: ignore[arg-type]
+            pipe.expire(key, RESULT_TTL_S)
+            pipe.zrem(self.deadlines, job_id)
+
+    def count_into(self, pipe: Pipeline, name: str, n: int = 1) -> None:
+        """``count`` as a command queued on ``pipe``."""
+        if hasattr(self.counters, name):
+            setattr(self.counters, name, getattr(self.counters, name) + n)
+        pipe.hincrby(self.shared_counters, name, n)
 
     async def expire_jobs(self, now: float, limit: int = 100) -> int:
         """End jobs past their deadline with a ``timeout`` error chunk, so no client waits forever.

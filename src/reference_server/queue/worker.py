@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from reference_server.queue.jobs import BadJob, Chunk, Job
@@ -209,11 +210,7 @@ class Worker:
                 await self.sleep(wait)
             if any(time.monotonic() - r.claimed_at >= self.min_idle_ms / 3000 for r in running):
                 running = await self._refresh(running)
-            still = []
-            for state in running:
-                if await state.advance(self):
-                    still.append(state)
-            running = still
+            running = await self._advance(running)
             room = self.batch_size - len(running)
             if (
                 admit_new
@@ -226,6 +223,14 @@ class Worker:
                     if self.bucket is not None:
                         self.bucket.take(len(joined))
                     running += await self._start(joined, None, len(running))
+
+    async def _advance(self, running: list[_Running]) -> list[_Running]:
+        """One step: every job's next chunk (and the acknowledgements of ended jobs) in one round trip."""
+        now = self.clock()
+        async with self.streams.client.pipeline(transaction=False) as pipe:
+            still = [state for state in running if state.advance_into(pipe, self.streams, now)]
+            await pipe.execute()
+        return still
 
     async def _start(
         self, entries: list[tuple[str, dict[str, str]]], deliveries: dict[str, int] | None, already: int = 0
@@ -297,24 +302,23 @@ class _Running:
         step = next(self.source, None)
         self.wait, self._next = step if step is not None else (0.0, None)
 
-    async def advance(self, worker: Worker) -> bool:
-        """Write this job's next chunk; False once it ended (and was acknowledged)."""
-        streams = worker.streams
+    def advance_into(self, pipe: Pipeline, streams: RedisStreams, now: float) -> bool:
+        """Queue this job's next chunk on ``pipe``; False once it ended (its acknowledgement queued too)."""
         if not self.done:
             chunk = self._next
-            if worker.clock() > self.job.deadline:
-                await streams.write(self.job.id, Chunk(self.seq, "error", "timeout", "the job passed its deadline"))
-                await streams.count("expired")
+            if now > self.job.deadline:
+                streams.write_into(
+                    pipe, self.job.id, Chunk(self.seq, "error", "timeout", "the job passed its deadline")
+                )
+                streams.count_into(pipe, "expired")
             elif chunk is None or chunk.final:
-                await streams.write(self.job.id, chunk or Chunk(self.seq, "done", "length"))
-                await streams.count("completed")
+                streams.write_into(pipe, self.job.id, chunk or Chunk(self.seq, "done", "length"))
+                streams.count_into(pipe, "completed")
             else:
-                await streams.write(self.job.id, chunk)
+                streams.write_into(pipe, self.job.id, chunk)
                 self.seq = chunk.seq + 1
                 self._pull()
                 return True
-        async with streams.client.pipeline(transaction=False) as pipe:
-            pipe.xack(streams.jobs, GROUP, self.entry_id)
-            pipe.hincrby(streams.shared_counters, f"deliveries:{min(self.deliveries, 4)}", 1)
-            await pipe.execute()
+        pipe.xack(streams.jobs, GROUP, self.entry_id)
+        streams.count_into(pipe, f"deliveries:{min(self.deliveries, 4)}")
         return False

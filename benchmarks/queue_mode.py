@@ -1,0 +1,189 @@
+"""Queue mode against direct streaming on loopback: jobs a second, and latency added per token.
+
+What it does
+    Starts the reference server twice as subprocesses on 127.0.0.1 with the same model settings:
+    direct (``infer-bench serve``) and queue mode (``infer-bench serve --queue`` plus ``--workers``
+    ``infer-bench worker`` processes on Redis at ``--redis``, under a key prefix of its own, deleted at
+    the end). Against each it runs, with a small asyncio SSE client (raw HTTP/1.1, stamps at receipt):
+
+    latency     one stream at a time, ``--tokens`` tokens, for ``--seconds``: TTFT and mean inter-token gap
+    throughput  ``--clients`` closed-loop clients, 16 tokens a stream, for ``--seconds``: streams a second
+
+    twice: on the default cost model (5 ms + 0.1 ms/sequence a step) and on a zero-cost model, where
+    only the serving path costs anything (the queue path's overhead, bare).
+
+How to read the output
+    ttft / itl      medians over the streams of the latency phase, milliseconds
+    added/token     queue ITL minus direct ITL: what the trip through Redis adds to each token
+    jobs/s          completed streams a second in the throughput phase (all must end with ``done``)
+
+Usage
+    .venv/bin/python benchmarks/queue_mode.py [--seconds 5] [--clients 32] [--tokens 64] [--workers 1]
+                                              [--redis redis://127.0.0.1:6379/0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+MODELS = {
+    "default cost": "{kind: tokens, name: tokens}",
+    "zero cost": "{kind: tokens, name: tokens, base_ms: 0, per_seq_ms: 0, prefill_ms: 0, per_input_token_ms: 0}",
+}
+
+
+@dataclass
+class Stream:
+    ok: bool = False
+    ttft_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
+
+
+async def one_stream(host: str, port: int, max_tokens: int, prompt: str) -> Stream:
+    """POST /v1/stream and read it to its end; token arrival stamped per read (coalesced tokens count as one)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode()
+    head = (
+        f"POST /v1/stream HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head + body)
+    out = Stream()
+    last = None
+    buffer = b""
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            if not data:
+                break
+            now = time.perf_counter()
+            buffer += data
+            tokens = data.count(b"event: token")
+            if tokens:
+                if last is None:
+                    out.ttft_s = now - started
+                else:
+                    out.gaps_s.append((now - last) / tokens)
+                last = now
+            if b"event: done" in buffer:
+                out.ok = True
+                break
+            if b"event: error" in buffer or buffer.startswith(b"HTTP/1.1 5"):
+                break
+    finally:
+        writer.close()
+    return out
+
+
+async def latency(host: str, port: int, tokens: int, seconds: float) -> tuple[float, float, int]:
+    ttfts, itls = [], []
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        s = await one_stream(host, port, tokens, f"latency probe {n}")
+        n += 1
+        if s.ok and s.ttft_s is not None and s.gaps_s:
+            ttfts.append(s.ttft_s)
+            itls.append(statistics.fmean(s.gaps_s))
+    return statistics.median(ttfts) * 1000, statistics.median(itls) * 1000, n
+
+
+async def throughput(host: str, port: int, clients: int, seconds: float) -> tuple[float, int]:
+    done = failed = 0
+    deadline = time.monotonic() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal done, failed
+        k = 0
+        while time.monotonic() < deadline:
+            s = await one_stream(host, port, 16, f"client {i} request {k}")
+            k += 1
+            if s.ok:
+                done += 1
+            else:
+                failed += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return done / (time.monotonic() - started), failed
+
+
+@contextmanager
+def processes(commands: list[list[str]]) -> Iterator[list[str]]:
+    """Start each command; yield the first stdout line of each (the server's URL line); stop them all."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
+    try:
+        lines = []
+        for p in procs:
+            assert p.stdout is not None
+            lines.append(p.stdout.readline().strip())
+        yield lines
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+            if p.stdout is not None:
+                p.stdout.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    cli = [sys.executable, "-m", "infer_bench.cli"]
+    prefix = f"inferbench-bench-{uuid.uuid4().hex[:8]}"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, model in MODELS.items():
+            config = Path(tmp) / "server.yaml"
+            config.write_text(f"queue_prefix: {prefix}\nmodels:\n  - {model}\n")
+            serve = [*cli, "serve", "--config", str(config), "--port", "0"]
+            results = {}
+            for mode in ("direct", "queue"):
+                commands = [serve]
+                if mode == "queue":
+                    commands = [[*serve, "--queue", args.redis]] + [
+                        [*cli, "worker", "--queue", args.redis, "--config", str(config)] for _ in range(args.workers)
+                    ]
+                with processes(commands) as lines:
+                    url = lines[0].rsplit(" ", 1)[1]
+                    host, port = url.removeprefix("http://").split(":")
+                    ttft, itl, n = asyncio.run(latency(host, int(port), args.tokens, args.seconds))
+                    rate, failed = asyncio.run(throughput(host, int(port), args.clients, args.seconds))
+                results[mode] = (ttft, itl, rate, failed, n)
+                print(f"{label:>12} {mode:>6}: ttft {ttft:7.2f} ms  itl {itl:6.3f} ms  ({n} streams)  "
+                      f"{rate:8.1f} jobs/s  failed {failed}", flush=True)  # fmt: skip
+            added = results["queue"][1] - results["direct"][1]
+            rows.append((label, results, added))
+            print(f"{label:>12} added/token: {added:+.3f} ms; jobs/s queue/direct = "
+                  f"{results['queue'][2] / results['direct'][2]:.2f}", flush=True)  # fmt: skip
+    client = redis.Redis.from_url(args.redis)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    print(f"({os.cpu_count()} cores; servers, workers, Redis and this client share them)")
+
+
+if __name__ == "__main__":
+    main()
