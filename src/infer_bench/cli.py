@@ -183,6 +183,14 @@ def run(
             "--processes", "-p", help="Split the run into N shards in N processes (auto: one per core but one)"
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run the shards as Ray actors, one per CPU (-p N: N of them): ADDRESS of a cluster, auto (the one "
+            "`ray start` made here) or local (a new one on this machine); needs infer-bench[ray]",
+        ),
+    ] = None,
     shard: Annotated[str | None, typer.Option("--shard", hidden=True, help="i/N: run one shard (internal)")] = None,
     start_at: Annotated[int | None, typer.Option("--start-at", hidden=True, help="Shard start, epoch ns")] = None,
     target_url: Annotated[str | None, typer.Option("--target-url", hidden=True, help="Resolved target")] = None,
@@ -210,7 +218,17 @@ def run(
         Path("results").mkdir(exist_ok=True)
         result_path = Path("results") / f"{scenario.stem}-{datetime.now():%Y%m%d-%H%M%S}.json"
     console = Console(stderr=True)
-    if count > 1:
+    if ray_address is not None:
+        from infer_bench.ray_shards import run_ray
+
+        if part is not None:
+            raise UsageError("--ray and --shard: a shard does not split again")
+        result, code = run_ray(
+            spec, ray_address, count if processes is not None else None, out=result_path, seed=seed,
+            verify_tls=not insecure, check_thresholds=not no_thresholds,
+            progress=None if quiet else lambda line: console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True),
+        )  # fmt: skip
+    elif count > 1:
         from infer_bench.processes import ChildArgs, run_processes
 
         args = ChildArgs(str(scenario), tuple(env or ()), seed, insecure, no_thresholds)

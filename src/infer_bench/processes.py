@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -259,20 +259,26 @@ def _status_of(child: Child) -> str | None:
 
 def _progress_line(children: list[Child]) -> str | None:
     """One line for every shard: the children's counts added; None before any shard has started."""
-    totals: dict[str, float] = {}
-    running = 0
+    counts: list[dict[str, float]] = []
     for child in children:
-        running += child.proc.poll() is None
         try:
-            data = json.loads(child.progress_path.read_text(encoding="utf-8"))
+            counts.append(json.loads(child.progress_path.read_text(encoding="utf-8")))
         except (OSError, ValueError):
             continue
+    running = sum(child.proc.poll() is None for child in children)
+    return progress_line(counts, running, len(children))
+
+
+def progress_line(counts: Sequence[Mapping[str, float]], running: int, total: int) -> str | None:
+    """The shards' counts added in one line (elapsed: the furthest shard's); None when none has reported."""
+    totals: dict[str, float] = {}
+    for data in counts:
         for name, value in data.items():
             totals[name] = max(totals.get(name, 0), value) if name == "elapsed_s" else totals.get(name, 0) + value
     if not totals:
         return None
     return (
-        f"{running}/{len(children)} shards running · {totals.get('elapsed_s', 0):.0f} s · "
+        f"{running}/{total} shards running · {totals.get('elapsed_s', 0):.0f} s · "
         f"VUs {totals.get('vus', 0):,.0f} · in flight {totals.get('in_flight', 0):,.0f} · "
         f"started {totals.get('started', 0):,.0f} · ok {totals.get('succeeded', 0):,.0f} · "
         f"failed {totals.get('failed', 0):,.0f} · dropped {totals.get('dropped', 0):,.0f}"

@@ -62,6 +62,10 @@ class ShardPart:
     """The target as the parent resolved it: its reference server's URL for ``target: reference``."""
     progress_path: Path | None = None
     """Where to write this shard's progress once a second (JSON, replaced atomically) for the parent."""
+    on_progress: Callable[[dict[str, Any]], str | None] | None = None
+    """Given this shard's counts once a second (``--ray``: sent to the parent); a reason it returns stops the run."""
+    handle_signals: bool = True
+    """Stop on SIGINT and SIGTERM; off where the process belongs to someone else (a Ray worker)."""
 
 
 @dataclass
@@ -80,6 +84,7 @@ class RunState:
     aborted_by: Threshold | None = None
     intervals: IntervalLog = field(default_factory=IntervalLog)
     progress_path: Path | None = None
+    on_progress: Callable[[dict[str, Any]], str | None] | None = None
 
 
 Live = Callable[[Swarm, Recorder, RunState], None]
@@ -241,6 +246,7 @@ async def _run(
     state = RunState(
         thresholds=scenario.thresholds if check_thresholds else (),
         progress_path=part.progress_path if part is not None else None,
+        on_progress=part.on_progress if part is not None else None,
     )
     recorder = Recorder(0)
     swarm = Swarm(target, recorder, shard=part.shard if part is not None else Shard())
@@ -251,7 +257,9 @@ async def _run(
             state.stop_reason = reason
         swarm.stop()
 
-    for sig, name in ((signal.SIGINT, "interrupted (Ctrl-C)"), (signal.SIGTERM, "interrupted (SIGTERM)")):
+    signals = (signal.SIGINT, signal.SIGTERM) if part is None or part.handle_signals else ()
+    for sig in signals:
+        name = "interrupted (Ctrl-C)" if sig == signal.SIGINT else "interrupted (SIGTERM)"
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, interrupt, name)
     if part is not None:  # every shard waits for the one start time; a stop request ends the wait
@@ -267,7 +275,7 @@ async def _run(
         interrupt("interrupted")
     finally:
         ticker.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
     duration_s = (time.perf_counter_ns() - state.start_ns) / 1e9
@@ -341,16 +349,17 @@ async def _tick(swarm: Swarm, recorder: Recorder, state: RunState, live: Live | 
             if state.stop_reason is None and _target_gone(recorder):
                 state.stop_reason = f"the target stopped accepting connections ({UNREACHABLE_S} s without one)"
                 swarm.stop()
-            if state.progress_path is not None:
-                _write_progress(state.progress_path, swarm, recorder, elapsed_s)
+            if state.progress_path is not None or state.on_progress is not None:
+                _report_progress(state, swarm, recorder, elapsed_s)
         # Once a second, as the figures it shows change: a refresh costs the loop ~4 ms of rich rendering.
         if live is not None and now_wall - last_live >= 1.0:
             last_live = now_wall
             live(swarm, recorder, state)
 
 
-def _write_progress(path: Path, swarm: Swarm, recorder: Recorder, elapsed_s: float) -> None:
-    """This shard's counts so far, for the parent's progress line; replaced atomically, never half-written."""
+def _report_progress(state: RunState, swarm: Swarm, recorder: Recorder, elapsed_s: float) -> None:
+    """This shard's counts so far, for the parent's progress line: to a file, replaced atomically (never
+    half-written), or to a callback, whose answer may stop the run (another shard failed or aborted)."""
     series = recorder.series
     progress = {
         "elapsed_s": round(elapsed_s, 3),
@@ -361,6 +370,11 @@ def _write_progress(path: Path, swarm: Swarm, recorder: Recorder, elapsed_s: flo
         "in_flight": sum(p.in_flight for p in swarm.progress.values()),
         "vus": sum(p.vus for p in swarm.progress.values()),
     }
+    if state.on_progress is not None and (reason := state.on_progress(progress)) and state.stop_reason is None:
+        state.stop_reason = reason
+        swarm.stop()
+    if (path := state.progress_path) is None:
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(OSError):  # progress is a courtesy: never let it stop the run
         tmp.write_text(json.dumps(progress), encoding="utf-8")
