@@ -65,8 +65,10 @@ def paced_settings(step_ms: float = PACED_STEP_MS) -> dict[str, Any]:
 class Bounds:
     """What a client rate must keep to count as accurately measured."""
 
-    lag_p99_ms: float = 5.0
-    """Schedule lag p99: requests sent later than this against their schedule carry the wait as latency."""
+    lag_p99_ms: float = 10.0
+    """Schedule lag p99: requests sent later than this against their schedule carry the wait as latency. The
+    runner warns at the same lag; a tighter bound measures the machine's other tenants more than the client
+    (on a shared 2-core machine, p99 lags of 2-8 ms came at 15 % client CPU)."""
     cpu: float = 0.85
     """Mean client CPU over the run: past this the loop queues its own work (MEASUREMENTS.md: 80 % is unstable)."""
     loss: float = 0.001
@@ -89,10 +91,10 @@ class Mode:
     fractions: tuple[float, ...] = (0.25, 0.5, 0.8)
 
 
-QUICK = Mode("quick", run_s=2.0, warmup_s=0.5, start_rate=250, maximum=32_000, resolution=0.25, confirm=0,
-             max_runs=7, overhead_run_s=1.5)  # fmt: skip
-DEFAULT = Mode("default", run_s=5.0, warmup_s=1.0, start_rate=250, maximum=64_000, resolution=0.08, confirm=1,
-               max_runs=14, overhead_run_s=5.0)  # fmt: skip
+QUICK = Mode("quick", run_s=2.0, warmup_s=0.5, start_rate=100, maximum=32_000, resolution=0.25, confirm=0,
+             max_runs=8, overhead_run_s=1.5)  # fmt: skip
+DEFAULT = Mode("default", run_s=5.0, warmup_s=1.0, start_rate=100, maximum=64_000, resolution=0.08, confirm=1,
+               max_runs=16, overhead_run_s=5.0)  # fmt: skip
 
 
 @dataclass(frozen=True)
