@@ -260,3 +260,25 @@ async def test_new_jobs_join_a_running_batch_at_a_step_boundary(streams: RedisSt
         return tuple(int(part) for part in entry_id.split("-"))
 
     assert position(second[-1]) < position(first[-1])  # "second" ended inside "first"'s batch, not after it
+
+
+@pytest.mark.anyio
+async def test_a_job_is_resumable_while_it_runs_or_its_results_are_kept(streams: RedisStreams) -> None:
+    assert await streams.enqueue(job("r"), owner="id:alice") is not None
+    assert await streams.enqueue(job("r"), owner="id:bob") is None  # the id is taken
+    assert await streams.owner_of("r") == "id:alice"
+    assert await streams.results_kept("r")  # queued: its deadline is there
+    await streams.write("r", Chunk(0, "done", "length"))
+    assert await streams.results_kept("r")  # ended: its results are kept
+    await streams.client.delete(streams.results("r"))  # as their expiry will
+    assert not await streams.results_kept("r")
+
+
+@pytest.mark.anyio
+async def test_an_expired_job_is_ended_once_even_by_two_sweepers(streams: RedisStreams) -> None:
+    await streams.enqueue(job("x", deadline_s=-1))
+    other = RedisStreams(streams.client, streams.prefix)
+    ended = await asyncio.gather(streams.expire_jobs(time.time()), other.expire_jobs(time.time()))
+    assert sorted(ended) == [0, 1]
+    chunks = await collect(streams, "x")
+    assert [(c.kind, c.data) for c in chunks] == [("error", "timeout")]

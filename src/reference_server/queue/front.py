@@ -72,13 +72,14 @@ class QueueFront:
             raise QueueUnavailable(self.url, exc) from None
 
     async def owner_of(self, job_id: str) -> str | None:
-        """Who enqueued ``job_id`` (None: unknown or expired).
+        """Who enqueued ``job_id`` (None: unknown, or its results expired).
 
         Raises:
             QueueUnavailable: Redis cannot be reached.
         """
         try:
-            return await self.streams.owner_of(job_id)
+            owner = await self.streams.owner_of(job_id)
+            return owner if owner is not None and await self.streams.results_kept(job_id) else None
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(self.url, exc) from None
 

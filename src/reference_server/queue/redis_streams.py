@@ -127,6 +127,14 @@ class RedisStreams:
         self.counters.enqueued += 1
         return _text(entry_id)
 
+    async def results_kept(self, job_id: str) -> bool:
+        """Whether a resume can still read the job: it is running, or its results have not expired."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.results(job_id))
+            pipe.zscore(self.deadlines, job_id)
+            exists, deadline = await pipe.execute()
+        return bool(exists) or deadline is not None
+
     async def owner_of(self, job_id: str) -> str | None:
         value = await self.client.get(self.owner(job_id))
         return None if value is None else _text(value)
@@ -196,9 +204,10 @@ class RedisStreams:
         ended = 0
         for raw in due:
             job_id = _text(raw)
+            if not await self.client.zrem(self.deadlines, job_id):
+                continue  # another front end took this one (or the job just ended)
             last = await self.last_chunk(job_id)
             if last is not None and last.final:
-                await self.client.zrem(self.deadlines, job_id)
                 continue
             seq = 0 if last is None else last.seq + 1
             await self.write(job_id, Chunk(seq, "error", "timeout", "the job passed its deadline"))
