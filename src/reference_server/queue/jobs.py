@@ -7,7 +7,7 @@ results got and goes on from there, so a client never sees a token twice or miss
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 ChunkKind = Literal["token", "done", "error"]
@@ -78,3 +78,16 @@ class Chunk:
     @property
     def final(self) -> bool:
         return self.kind != "token"
+
+
+@dataclass
+class StepWrites:
+    """What one worker step sends the queue at once: chunks, then acknowledgements (in that order: a job
+    is never acknowledged without its final chunk), and counter increments."""
+
+    chunks: list[tuple[str, Chunk]] = field(default_factory=list)  # (job id, chunk)
+    acks: list[tuple[str, int]] = field(default_factory=list)  # (entry id, deliveries it took)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n

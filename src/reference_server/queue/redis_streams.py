@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from reference_server.queue.jobs import Chunk, Job
+from reference_server.queue.jobs import Chunk, Job, StepWrites
 
 GROUP = "workers"
 RESULT_TTL_S = 300  # a finished job's results stay readable this long (resume after a front-end restart)
@@ -175,6 +175,71 @@ class RedisStreams:
         async with self.client.pipeline(transaction=True) as pipe:
             self.write_into(pipe, job_id, chunk)
             await pipe.execute()
+
+    async def read_group(
+        self, consumer: str, start: str, count: int, block_ms: int | None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """``XREADGROUP``: new entries (``start`` ``>``) or the consumer's own pending ones (``0``)."""
+        reply: Any = await self.client.xreadgroup(GROUP, consumer, {self.jobs: start}, count=count, block=block_ms)
+        if not reply:
+            return []
+        return [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[0][1] if fields]
+
+    async def autoclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, dict[str, str], int]]:
+        """Entries idle at least ``min_idle_ms``, now ``consumer``'s, each with its delivery count."""
+        reply: Any = await self.client.xautoclaim(self.jobs, GROUP, consumer, min_idle_ms, start_id="0-0", count=count)
+        claimed = [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[1] if fields]
+        if not claimed:
+            return []
+        details = await self.client.xpending_range(
+            self.jobs, GROUP, min=claimed[0][0], max=claimed[-1][0], count=len(claimed) * 2
+        )
+        deliveries = {_text(d["message_id"]): int(d["times_delivered"]) for d in details}
+        return [(entry_id, fields, deliveries.get(entry_id, 1)) for entry_id, fields in claimed]
+
+    async def refresh_claims(self, consumer: str, groups: list[tuple[int, list[str]]]) -> set[str]:
+        """``XCLAIM … JUSTID`` per (min idle ms, entry ids) group: the ids still ours, their idle time reset."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for min_idle, ids in groups:
+                entry_ids: list[Any] = list(ids)
+                pipe.xclaim(self.jobs, GROUP, consumer, min_idle, entry_ids, justid=True)
+            replies = await pipe.execute()
+        return {_text(entry_id) for reply in replies for entry_id in reply}
+
+    async def ack(self, entry_id: str) -> None:
+        await self.client.xack(self.jobs, GROUP, entry_id)
+
+    async def dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
+        """Set a job aside in the dead-letter stream, tell its client, acknowledge it."""
+        dead: Any = {**fields, "deliveries": str(deliveries), "entry": entry_id}
+        await self.client.xadd(self.dead, dead)
+        job_id = fields.get("id")
+        if job_id:
+            last = await self.last_chunk(job_id)
+            if last is None or not last.final:
+                message = f"the job failed {deliveries} deliveries and was set aside"
+                await self.write(job_id, Chunk(0 if last is None else last.seq + 1, "error", "dead_lettered", message))
+        await self.ack(entry_id)
+        await self.count("dead_lettered")
+
+    async def commit_step(self, step: StepWrites) -> None:
+        """A worker step's writes in one round trip (a pipeline runs in order: chunks before acks)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id, chunk in step.chunks:
+                self.write_into(pipe, job_id, chunk)
+            for entry_id, deliveries in step.acks:
+                pipe.xack(self.jobs, GROUP, entry_id)
+                step.count(f"deliveries:{min(deliveries, 4)}")
+            for name, n in step.counts.items():
+                self.count_into(pipe, name, n)
+            await pipe.execute()
+
+    async def leave(self, consumer: str) -> None:
+        """Leave the live-worker set (a clean exit; a crashed worker ages out of it)."""
+        await self.client.zrem(self.workers, consumer)
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
     def write_into(self, pipe: Pipeline, job_id: str, chunk: Chunk) -> None:
         """Queue the writes of one chunk on ``pipe``: a final chunk also starts its stream's expiry.

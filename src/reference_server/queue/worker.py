@@ -17,13 +17,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from reference_server.queue.jobs import BadJob, Chunk, Job
-from reference_server.queue.redis_streams import GROUP, UNREACHABLE, RedisStreams, _decode, _text
+from reference_server.queue.jobs import BadJob, Chunk, Job, StepWrites
+from reference_server.queue.redis_streams import UNREACHABLE, RedisStreams
 
 # One job's token source: given the job and how many tokens were already sent, yields the rest of its
 # chunks, numbered from ``sent``, each with the seconds to wait before it (a simulated model's cost). A
@@ -140,56 +138,28 @@ class Worker:
     async def _leave(self) -> None:
         """Leave the live-worker set (a clean exit; a crashed worker ages out of it)."""
         with contextlib.suppress(*UNREACHABLE):
-            await self.streams.client.zrem(self.streams.workers, self.name)
+            await self.streams.leave(self.name)
 
     async def _read(
         self, start: str, count: int | None = None, *, wait: bool = True
     ) -> list[tuple[str, dict[str, str]]]:
         block = self.batch_timeout_ms if start == ">" and wait else None
-        reply: Any = await self.streams.client.xreadgroup(
-            GROUP, self.name, {self.streams.jobs: start}, count=count or self.batch_size, block=block
-        )
-        if not reply:
-            return []
-        return [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[0][1] if fields]
+        return await self.streams.read_group(self.name, start, count or self.batch_size, block)
 
     async def reclaim(self) -> int:
         """Take over jobs idle longer than ``min_idle_ms``; dead-letter those delivered too often."""
-        client, jobs = self.streams.client, self.streams.jobs
-        reply: Any = await client.xautoclaim(
-            jobs, GROUP, self.name, self.min_idle_ms, start_id="0-0", count=self.batch_size
-        )
-        claimed = [(_text(entry_id), _decode(fields)) for entry_id, fields in reply[1] if fields]
-        if not claimed:
-            return 0
-        details = await client.xpending_range(
-            jobs, GROUP, min=claimed[0][0], max=claimed[-1][0], count=len(claimed) * 2
-        )
-        deliveries = {_text(d["message_id"]): int(d["times_delivered"]) for d in details}
-        keep = []
-        for entry_id, fields in claimed:
-            if deliveries.get(entry_id, 1) > self.max_deliveries:
-                await self._dead_letter(entry_id, fields, deliveries[entry_id])
+        claimed = await self.streams.autoclaim(self.name, self.min_idle_ms, self.batch_size)
+        keep, deliveries = [], {}
+        for entry_id, fields, delivered in claimed:
+            if delivered > self.max_deliveries:
+                await self.streams.dead_letter(entry_id, fields, delivered)
             else:
                 keep.append((entry_id, fields))
+                deliveries[entry_id] = delivered
         if keep:
             await self.streams.count("reclaimed", len(keep))
         await self.process(keep, deliveries)
         return len(keep)
-
-    async def _dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
-        streams = self.streams
-        dead: Any = {**fields, "deliveries": str(deliveries), "entry": entry_id}
-        await streams.client.xadd(streams.dead, dead)
-        job_id = fields.get("id")
-        if job_id:
-            last = await streams.last_chunk(job_id)
-            seq = 0 if last is None else last.seq + 1
-            if last is None or not last.final:
-                message = f"the job failed {deliveries} deliveries and was set aside"
-                await streams.write(job_id, Chunk(seq, "error", "dead_lettered", message))
-        await streams.client.xack(streams.jobs, GROUP, entry_id)
-        await streams.count("dead_lettered")
 
     async def process(
         self,
@@ -227,9 +197,9 @@ class Worker:
     async def _advance(self, running: list[_Running]) -> list[_Running]:
         """One step: every job's next chunk (and the acknowledgements of ended jobs) in one round trip."""
         now = self.clock()
-        async with self.streams.client.pipeline(transaction=False) as pipe:
-            still = [state for state in running if state.advance_into(pipe, self.streams, now)]
-            await pipe.execute()
+        step = StepWrites()
+        still = [state for state in running if state.advance(step, now)]
+        await self.streams.commit_step(step)
         return still
 
     async def _start(
@@ -244,7 +214,7 @@ class Worker:
             try:
                 job = Job.from_fields(fields)
             except BadJob:
-                await self.streams.client.xack(self.streams.jobs, GROUP, entry_id)  # never ours to run
+                await self.streams.ack(entry_id)  # never ours to run
                 continue
             started.append(await self._resume(entry_id, job, (deliveries or {}).get(entry_id, 1)))
         return started
@@ -257,15 +227,11 @@ class Worker:
         claim fails and we stop writing it. ``JUSTID`` keeps the delivery count as it is.
         """
         now = time.monotonic()
-        groups: dict[float, list[Any]] = {}
+        groups: dict[float, list[str]] = {}
         for r in running:
             groups.setdefault(r.claimed_at, []).append(r.entry_id)
-        async with self.streams.client.pipeline(transaction=False) as pipe:
-            for claimed_at, ids in groups.items():
-                min_idle = max(0, int((now - claimed_at) * 1000) - 50)
-                pipe.xclaim(self.streams.jobs, GROUP, self.name, min_idle, ids, justid=True)
-            replies = await pipe.execute()
-        ours = {_text(entry_id) for reply in replies for entry_id in reply}
+        claims = [(max(0, int((now - at) * 1000) - 50), ids) for at, ids in groups.items()]
+        ours = await self.streams.refresh_claims(self.name, claims)
         kept = []
         for r in running:
             if r.entry_id in ours:
@@ -302,23 +268,20 @@ class _Running:
         step = next(self.source, None)
         self.wait, self._next = step if step is not None else (0.0, None)
 
-    def advance_into(self, pipe: Pipeline, streams: RedisStreams, now: float) -> bool:
-        """Queue this job's next chunk on ``pipe``; False once it ended (its acknowledgement queued too)."""
+    def advance(self, step: StepWrites, now: float) -> bool:
+        """Add this job's next chunk to ``step``; False once it ended (its acknowledgement added too)."""
         if not self.done:
             chunk = self._next
             if now > self.job.deadline:
-                streams.write_into(
-                    pipe, self.job.id, Chunk(self.seq, "error", "timeout", "the job passed its deadline")
-                )
-                streams.count_into(pipe, "expired")
+                step.chunks.append((self.job.id, Chunk(self.seq, "error", "timeout", "the job passed its deadline")))
+                step.count("expired")
             elif chunk is None or chunk.final:
-                streams.write_into(pipe, self.job.id, chunk or Chunk(self.seq, "done", "length"))
-                streams.count_into(pipe, "completed")
+                step.chunks.append((self.job.id, chunk or Chunk(self.seq, "done", "length")))
+                step.count("completed")
             else:
-                streams.write_into(pipe, self.job.id, chunk)
+                step.chunks.append((self.job.id, chunk))
                 self.seq = chunk.seq + 1
                 self._pull()
                 return True
-        pipe.xack(streams.jobs, GROUP, self.entry_id)
-        streams.count_into(pipe, f"deliveries:{min(self.deliveries, 4)}")
+        step.acks.append((self.entry_id, self.deliveries))
         return False
