@@ -50,7 +50,10 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="uvicorn log level (default: warning)")] = None,
     queue: Annotated[
         str | None,
-        typer.Option("--queue", help="redis://HOST:PORT/DB: /v1/stream enqueues jobs for `infer-bench worker`s"),
+        typer.Option(
+            "--queue",
+            help="redis://HOST:PORT/DB: /v1/stream enqueues jobs for `infer-bench worker`s; memory:// in-process",
+        ),
     ] = None,
 ) -> None:
     """Start the reference server: HTTP, SSE, WebSocket and OpenAI-compatible routes over simulated models."""
@@ -104,6 +107,8 @@ def worker(
         settings = load_settings(config, queue_url=queue)
     except server_errors.ConfigError as exc:
         _fail(ConfigError(str(exc)))
+    if queue.startswith("memory://"):
+        _fail(ConfigError("--queue memory:// is in-process: its workers run inside `infer-bench serve`"))
     options = WorkerOptions(queue, concurrency, name, rate, grace_s, settings.queue_prefix)
     run_worker(settings, options, lambda line: print(line, flush=True))
 

@@ -20,6 +20,7 @@ from reference_server.endpoints.common import JSONResponse, ServerState
 from reference_server.endpoints.handlers import counted, log
 from reference_server.metrics import ServerMetrics, exposition
 from reference_server.queue.front import QueueFront, register_queue_gauges
+from reference_server.queue.worker_main import run_in_process
 from reference_server.registry import ModelRegistry
 from reference_server.resume import ResumeTable
 from reference_server.scheduler import ContinuousScheduler
@@ -84,6 +85,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             tg.start_soon(sweeper.run)
             if state.queue is not None:
                 await tg.start(state.queue.run)
+                if state.queue.in_process:  # --queue memory://: the workers are tasks of this process
+                    tg.start_soon(run_in_process, settings, state.queue.streams)
             state.ready = True
             try:
                 yield

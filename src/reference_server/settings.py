@@ -131,7 +131,9 @@ class ServerSettings(BaseModel):
 
     # Queue mode: /v1/stream enqueues jobs on Redis Streams and streams what `infer-bench worker`s produce.
     queue_url: str | None = Field(
-        None, pattern=r"^rediss?://", description="redis://host:port/db of the job queue; None = direct mode"
+        None,
+        pattern=r"^(rediss?|memory)://",
+        description="redis://host:port/db of the job queue, or memory:// (in-process); None = direct mode",
     )
     queue_prefix: str = Field("inferbench", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="key prefix in Redis")
     job_ttl_s: float = Field(600.0, gt=0, le=86_400, description="a queued job not finished by then ends with timeout")

@@ -24,7 +24,9 @@ from redis.exceptions import RedisError
 
 from reference_server.errors import Overloaded
 from reference_server.metrics import ServerMetrics
+from reference_server.queue.backend import JobQueue
 from reference_server.queue.jobs import Chunk, Job
+from reference_server.queue.memory import MemoryQueue
 from reference_server.queue.redis_streams import RedisStreams, connect
 
 log = logging.getLogger("reference_server.queue")
@@ -44,7 +46,7 @@ class QueueUnavailable(Overloaded):
 class QueueFront:
     """One front-end process's handle on the queue."""
 
-    streams: RedisStreams
+    streams: JobQueue
     url: str
     job_ttl_s: float
     sweep_interval_s: float = 0.5
@@ -55,7 +57,13 @@ class QueueFront:
 
     @classmethod
     def connect(cls, url: str, prefix: str, job_ttl_s: float) -> QueueFront:
-        return cls(RedisStreams(connect(url), prefix), url, job_ttl_s)
+        """On Redis at ``url``, or on an in-process queue for ``memory://`` (see ``queue.memory``)."""
+        streams: JobQueue = MemoryQueue(prefix) if url.startswith("memory://") else RedisStreams(connect(url), prefix)
+        return cls(streams, url, job_ttl_s)
+
+    @property
+    def in_process(self) -> bool:
+        return isinstance(self.streams, MemoryQueue)
 
     def job(self, job_id: str, model: str, prompt: str, max_tokens: int | None, seed: int | None) -> Job:
         return Job(job_id, model, prompt, max_tokens, seed, self.clock() + self.job_ttl_s)
@@ -111,7 +119,7 @@ class QueueFront:
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await self.streams.client.aclose()
+            await self.streams.close()
 
 
 def register_queue_gauges(metrics: ServerMetrics, front: QueueFront) -> None:

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import ResponseError
 
+from reference_server.queue.backend import JobQueue
 from reference_server.queue.jobs import BadJob, Chunk, Job, StepWrites
-from reference_server.queue.redis_streams import UNREACHABLE, RedisStreams
+from reference_server.queue.redis_streams import UNREACHABLE
 
 # One job's token source: given the job and how many tokens were already sent, yields the rest of its
 # chunks, numbered from ``sent``, each with the seconds to wait before it (a simulated model's cost). A
@@ -61,7 +62,7 @@ class JobBucket:
 class Worker:
     """One consumer of the group: a batch at a time."""
 
-    streams: RedisStreams
+    streams: JobQueue
     name: str
     tokens: TokenSource
     batch_size: int = 8

@@ -19,6 +19,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from reference_server.queue.backend import JobQueue
 from reference_server.queue.model_source import ModelSource
 from reference_server.queue.redis_streams import RedisStreams, connect
 from reference_server.queue.worker import JobBucket, Worker
@@ -55,18 +56,7 @@ async def serve_worker(
     if options.rate_per_s is not None:
         bucket = JobBucket(options.rate_per_s, max(1.0, options.rate_per_s))
     names = consumer_names(options)
-    workers = []
-    for name in names:
-        source = ModelSource.from_settings(settings)
-        source.warm_up()
-        worker = Worker(
-            streams, name, source, batch_size=settings.max_num_seqs, bucket=bucket,
-            min_idle_ms=settings.queue_reclaim_idle_ms, max_deliveries=settings.queue_max_deliveries,
-        )  # fmt: skip
-        # Redis's BLOCK 0 waits forever; the block only paces an idle loop, it never delays a batch.
-        worker.batch_timeout_ms = max(1, int(settings.batch_timeout_ms)) if settings.batch_timeout_ms else 50
-        worker.on_batch = lambda n, s=source: setattr(s, "running", n)
-        workers.append(worker)
+    workers = build_workers(settings, streams, names, bucket)
     tasks = [asyncio.create_task(w.run(stop), name=f"worker {w.name}") for w in workers]
     if ready is not None:
         ready(names)
@@ -81,6 +71,31 @@ async def serve_worker(
             task.cancel()
         with contextlib.suppress(Exception):
             await client.aclose()
+
+
+def build_workers(
+    settings: ServerSettings, streams: JobQueue, names: list[str], bucket: JobBucket | None = None
+) -> list[Worker]:
+    """One pre-warmed consumer per name over the settings' ``tokens`` models."""
+    workers = []
+    for name in names:
+        source = ModelSource.from_settings(settings)
+        source.warm_up()
+        worker = Worker(
+            streams, name, source, batch_size=settings.max_num_seqs, bucket=bucket,
+            min_idle_ms=settings.queue_reclaim_idle_ms, max_deliveries=settings.queue_max_deliveries,
+        )  # fmt: skip
+        # Redis's BLOCK 0 waits forever; the block only paces an idle loop, it never delays a batch.
+        worker.batch_timeout_ms = max(1, int(settings.batch_timeout_ms)) if settings.batch_timeout_ms else 50
+        worker.on_batch = lambda n, s=source: setattr(s, "running", n)
+        workers.append(worker)
+    return workers
+
+
+async def run_in_process(settings: ServerSettings, streams: JobQueue) -> None:
+    """The workers of ``--queue memory://``: one consumer in the server's own process, until cancelled."""
+    (worker,) = build_workers(settings, streams, [f"in-process-{os.getpid()}"])
+    await worker.run(asyncio.Event())
 
 
 def run_worker(settings: ServerSettings, options: WorkerOptions, announce: Callable[[str], None] | None = None) -> None:

@@ -1,0 +1,135 @@
+"""Queue mode on the in-process backend (``--queue memory://``): the same worker and front-end code as on
+Redis, with no service to run — tokens exactly once across a worker that died, resume by stream id."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from polling import wait_until
+from reference_server.queue import Chunk, Job, Worker
+from reference_server.queue.memory import MemoryQueue
+from reference_server.queue.model_source import ModelSource
+from reference_server.serve import EmbeddedServer
+from reference_server.settings import ServerSettings, TokensModelSpec
+from serverkit import SseBlock, sse_blocks
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def tokens_of(job: Job, sent: int, step_s: float = 0.005) -> Iterator[tuple[float, Chunk]]:
+    for i in range(sent, job.max_tokens or 6):
+        yield step_s, Chunk(i, "token", f"{job.prompt}-{i}")
+
+
+def _job(job_id: str, max_tokens: int = 20) -> Job:
+    return Job(job_id, "tokens", f"p{job_id}", max_tokens, None, time.time() + 60)
+
+
+async def _collect(queue: MemoryQueue, job_id: str) -> list[Chunk]:
+    out: list[Chunk] = []
+    after = "0-0"
+    for _ in range(1000):  # bounded: each read waits at most 200 ms
+        for entry_id, chunk in await queue.read_after(job_id, after, 200):
+            out.append(chunk)
+            after = entry_id
+            if chunk.final:
+                return out
+    raise AssertionError(f"job {job_id} did not end")
+
+
+@pytest.mark.anyio
+async def test_a_job_of_a_dead_worker_is_reclaimed_and_every_token_arrives_once() -> None:
+    queue = MemoryQueue()
+    await queue.enqueue(_job("k"))
+    doomed = Worker(queue, "doomed", tokens_of, min_idle_ms=100)
+    task = asyncio.create_task(doomed.process(await doomed._read(">")))
+    for _ in range(400):
+        if (last := await queue.last_chunk("k")) is not None and last.seq >= 5:
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()  # the worker dies mid-job: its entry stays pending
+    await asyncio.gather(task, return_exceptions=True)
+    rescuer = Worker(queue, "rescuer", tokens_of, min_idle_ms=100)
+    for _ in range(100):
+        if await rescuer.reclaim():
+            break
+        await asyncio.sleep(0.02)
+    chunks = await _collect(queue, "k")
+    assert [c.seq for c in chunks] == list(range(21))
+    assert [c.data for c in chunks[:20]] == [f"pk-{i}" for i in range(20)]
+    assert queue.counters.reclaimed == 1
+    assert (await queue.figures(time.time()))["pending"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_claim_taken_by_another_consumer_is_not_refreshed() -> None:
+    queue = MemoryQueue()
+    await queue.enqueue(_job("c"))
+    [(entry_id, _)] = await queue.read_group("a", ">", 10, None)
+    assert await queue.refresh_claims("a", [(0, [entry_id])]) == {entry_id}
+    [(_, _, deliveries)] = await queue.autoclaim("b", 0, 10)
+    assert deliveries == 2
+    assert await queue.refresh_claims("a", [(60_000, [entry_id])]) == set()  # b's claim is fresh
+
+
+@pytest.mark.anyio
+async def test_a_job_delivered_too_often_is_dead_lettered_and_its_client_told() -> None:
+    queue = MemoryQueue()
+    await queue.enqueue(_job("d"))
+    await queue.read_group("ghost", ">", 1, None)
+    assert await Worker(queue, "w", tokens_of, min_idle_ms=0, max_deliveries=1).reclaim() == 0
+    assert [(c.kind, c.data) for c in await _collect(queue, "d")] == [("error", "dead_lettered")]
+    assert (await queue.figures(time.time()))["dead_letters"] == 1
+
+
+@pytest.mark.anyio
+async def test_expired_jobs_end_with_a_timeout_and_expired_results_are_forgotten() -> None:
+    queue = MemoryQueue()
+    await queue.enqueue(Job("t", "tokens", "p", 3, None, time.time() - 1))
+    assert await queue.expire_jobs(time.time()) == 1
+    assert [(c.kind, c.data) for c in await _collect(queue, "t")] == [("error", "timeout")]
+    await queue.expire_jobs(time.time() + 10_000)
+    assert not await queue.results_kept("t")
+    assert await queue.owner_of("t") is None
+
+
+def _stream(
+    http: httpx.Client, url: str, body: dict[str, object], headers: dict[str, str], stop_after: int = 0
+) -> list[SseBlock]:
+    got: list[SseBlock] = []
+    with http.stream("POST", url + "/v1/stream", json=body, headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        for block in sse_blocks(r.iter_raw()):
+            got.append(block)
+            if stop_after and sum(b.event == "token" for b in got) >= stop_after:
+                break
+    return got
+
+
+@pytest.mark.slow
+def test_serve_on_the_in_process_queue_streams_the_models_tokens_and_resumes_by_stream_id() -> None:
+    spec = TokensModelSpec(base_ms=5, per_seq_ms=0, prefill_ms=0, per_input_token_ms=0)
+    settings = ServerSettings(queue_url="memory://", models=[spec])
+    model = ModelSource.from_settings(settings).resolve("tokens")
+    plan = model.plan("in process", 30, None)
+    expected = [(i, model.next_token(plan)) for i in range(30)]
+    body = {"prompt": "in process", "max_tokens": 30, "request_id": "m1"}
+    with EmbeddedServer(settings) as server, httpx.Client(timeout=10) as http:
+        before = _stream(http, server.url, body, {}, stop_after=7)
+        last = [b for b in before if b.event == "token"][-1].id
+        assert last is not None
+        after = _stream(http, server.url, body, {"Last-Event-ID": last})
+        tokens = [(b.json()["seq"], b.json()["token"]) for b in before + after if b.event == "token"]
+        assert tokens == expected
+        assert after[-1].event == "done"
+        assert after[-1].json()["usage"]["completion_tokens"] == 30
+        assert http.post(server.url + "/v1/stream", json=body).status_code == 409
+        wait_until(lambda: "inferbench_queue_workers 1.0" in http.get(server.url + "/metrics").text)
