@@ -2,7 +2,8 @@
 
 What it does
     Starts the reference server twice as subprocesses on 127.0.0.1 with the same model settings:
-    direct (``infer-bench serve``) and queue mode (``infer-bench serve --queue`` plus ``--workers``
+    direct (``infer-bench serve``), the in-process queue (``serve --queue memory://``: the queue code
+    path with no Redis), and queue mode (``infer-bench serve --queue`` plus ``--workers``
     ``infer-bench worker`` processes on Redis at ``--redis``, under a key prefix of its own, deleted at
     the end). Against each it runs, with a small asyncio SSE client (raw HTTP/1.1, stamps at receipt):
 
@@ -14,7 +15,8 @@ What it does
 
 How to read the output
     ttft / itl      medians over the streams of the latency phase, milliseconds
-    added/token     queue ITL minus direct ITL: what the trip through Redis adds to each token
+    added/token     queue ITL minus direct ITL: what the queue path (and the trip through Redis) adds to
+                    each token
     jobs/s          completed streams a second in the throughput phase (all must end with ``done``)
 
 Usage
@@ -101,6 +103,8 @@ async def latency(host: str, port: int, tokens: int, seconds: float) -> tuple[fl
         if s.ok and s.ttft_s is not None and s.gaps_s:
             ttfts.append(s.ttft_s)
             itls.append(statistics.fmean(s.gaps_s))
+    if not ttfts:  # every stream came in one read (no gap to measure)
+        return float("nan"), float("nan"), n
     return statistics.median(ttfts) * 1000, statistics.median(itls) * 1000, n
 
 
@@ -153,16 +157,17 @@ def main() -> None:
     args = parser.parse_args()
     cli = [sys.executable, "-m", "infer_bench.cli"]
     prefix = f"inferbench-bench-{uuid.uuid4().hex[:8]}"
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, model in MODELS.items():
             config = Path(tmp) / "server.yaml"
             config.write_text(f"queue_prefix: {prefix}\nmodels:\n  - {model}\n")
             serve = [*cli, "serve", "--config", str(config), "--port", "0"]
             results = {}
-            for mode in ("direct", "queue"):
+            for mode in ("direct", "memory", "queue"):
                 commands = [serve]
-                if mode == "queue":
+                if mode == "memory":
+                    commands = [[*serve, "--queue", "memory://"]]
+                elif mode == "queue":
                     commands = [[*serve, "--queue", args.redis]] + [
                         [*cli, "worker", "--queue", args.redis, "--config", str(config)] for _ in range(args.workers)
                     ]
@@ -174,10 +179,10 @@ def main() -> None:
                 results[mode] = (ttft, itl, rate, failed, n)
                 print(f"{label:>12} {mode:>6}: ttft {ttft:7.2f} ms  itl {itl:6.3f} ms  ({n} streams)  "
                       f"{rate:8.1f} jobs/s  failed {failed}", flush=True)  # fmt: skip
-            added = results["queue"][1] - results["direct"][1]
-            rows.append((label, results, added))
-            print(f"{label:>12} added/token: {added:+.3f} ms; jobs/s queue/direct = "
-                  f"{results['queue'][2] / results['direct'][2]:.2f}", flush=True)  # fmt: skip
+            for mode in ("memory", "queue"):
+                added = results[mode][1] - results["direct"][1]
+                print(f"{label:>12} {mode:>6} added/token: {added:+.3f} ms; jobs/s {mode}/direct = "
+                      f"{results[mode][2] / results['direct'][2]:.2f}", flush=True)  # fmt: skip
     client = redis.Redis.from_url(args.redis)
     keys = list(client.scan_iter(match=f"{prefix}:*"))
     if keys:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,3 +270,25 @@ def test_redis_going_away_is_a_clear_503_and_service_returns_with_it(tmp_path: P
         queue.close()
         own.terminate()
         own.wait(timeout=10)
+
+
+def test_streams_still_open_at_the_end_of_the_grace_period_end_in_band_with_their_resume_id(queue: Queue) -> None:
+    """No worker takes the job; the front end shuts down: the client gets `shutdown` and an id to resume."""
+    settings = queue.settings.model_copy(update={"graceful_shutdown_s": 1.0})
+    server = EmbeddedServer(settings).start()
+    stopper = threading.Thread(target=server.stop)
+    try:
+        with httpx.Client(timeout=10) as http, http.stream("POST", server.url + "/v1/stream", json=BODY) as r:
+            assert r.status_code == 200
+            blocks = sse_blocks(r.iter_raw())
+            assert next(blocks).retry == 3000
+            stopper.start()
+            end = next(b for b in blocks if b.event)
+        assert end.event == "error"
+        assert end.json()["error"] == "shutdown"
+        assert "Last-Event-ID: " in end.json()["message"]
+    finally:
+        if stopper.ident is None:  # failed before the stop began
+            server.stop()
+        else:
+            stopper.join(timeout=15)

@@ -176,9 +176,9 @@ class Worker:
         """
         running = await self._start(entries, deliveries)
         while running:
-            wait = max(step.wait for step in running)
-            if wait > 0:
-                await self.sleep(wait)
+            # Always a real suspension, even at zero cost: on the in-process queue nothing else would yield,
+            # and the worker would starve the front end sharing its event loop.
+            await self.sleep(max(step.wait for step in running))
             if any(time.monotonic() - r.claimed_at >= self.min_idle_ms / 3000 for r in running):
                 running = await self._refresh(running)
             running = await self._advance(running)
