@@ -133,3 +133,16 @@ def test_serve_on_the_in_process_queue_streams_the_models_tokens_and_resumes_by_
         assert after[-1].json()["usage"]["completion_tokens"] == 30
         assert http.post(server.url + "/v1/stream", json=body).status_code == 409
         wait_until(lambda: "inferbench_queue_workers 1.0" in http.get(server.url + "/metrics").text)
+
+
+@pytest.mark.anyio
+async def test_a_model_failure_ends_the_job_with_model_error_after_the_tokens_before_it() -> None:
+    queue = MemoryQueue()
+    source = ModelSource.from_settings(ServerSettings(models=[TokensModelSpec(fail_rate=1.0, base_ms=0)]))
+    await queue.enqueue(Job("f", "tokens", "fails", 40, 3, time.time() + 60))
+    worker = Worker(queue, "w", source)
+    await worker.process(await worker._read(">"))
+    chunks = await _collect(queue, "f")
+    assert [c.kind for c in chunks[:-1]] == ["token"] * (len(chunks) - 1)
+    assert (chunks[-1].kind, chunks[-1].data, chunks[-1].model_version) == ("error", "model_error", "1")
+    assert (queue.counters.failed, queue.counters.completed) == (1, 0)

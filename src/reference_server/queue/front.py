@@ -133,7 +133,7 @@ def register_queue_gauges(metrics: ServerMetrics, front: QueueFront) -> None:
         return lambda: {(): front.figures[key]} if key in front.figures else {}
 
     def events() -> dict[tuple[str, ...], float]:
-        names = ("enqueued", "completed", "reclaimed", "dead_lettered", "expired")
+        names = ("enqueued", "completed", "failed", "reclaimed", "dead_lettered", "expired")
         return {(n,): front.figures.get("count:" + n, 0.0) for n in names}
 
     def deliveries() -> dict[tuple[str, ...], float]:

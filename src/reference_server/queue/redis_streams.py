@@ -20,6 +20,7 @@ pending or undelivered.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields
@@ -57,6 +58,7 @@ class QueueCounters:
 
     enqueued: int = 0
     completed: int = 0
+    failed: int = 0  # ended by the model's error (model_error, unknown_model)
     reclaimed: int = 0
     dead_lettered: int = 0
     expired: int = 0
@@ -119,11 +121,16 @@ class RedisStreams:
         keep_s = max(1, int(job.deadline - time.time()) + RESULT_TTL_S)
         if not await self.client.set(self.owner(job.id), owner or "-", nx=True, ex=keep_s):
             return None
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.jobs, job.fields())  # type: ignore[arg-type]  # redis-py's field type is too narrow
-            pipe.zadd(self.deadlines, {job.id: job.deadline})
-            pipe.hincrby(self.shared_counters, "enqueued", 1)
-            entry_id, *_ = await pipe.execute()
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.jobs, job.fields())  # type: ignore[arg-type]  # redis-py's field type is too narrow
+                pipe.zadd(self.deadlines, {job.id: job.deadline})
+                pipe.hincrby(self.shared_counters, "enqueued", 1)
+                entry_id, *_ = await pipe.execute()
+        except BaseException:
+            with contextlib.suppress(*UNREACHABLE):  # free the id for a retry, if Redis still answers
+                await self.client.delete(self.owner(job.id))
+            raise
         self.counters.enqueued += 1
         return _text(entry_id)
 

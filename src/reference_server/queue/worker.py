@@ -278,7 +278,7 @@ class _Running:
                 step.count("expired")
             elif chunk is None or chunk.final:
                 step.chunks.append((self.job.id, chunk or Chunk(self.seq, "done", "length")))
-                step.count("completed")
+                step.count("completed" if chunk is None or chunk.kind == "done" else "failed")
             else:
                 step.chunks.append((self.job.id, chunk))
                 self.seq = chunk.seq + 1
