@@ -13,7 +13,7 @@ Result file form (schema v2)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,11 @@ class IntervalLog:
 
     def windows(self) -> list[Window]:
         """Interval histograms between consecutive snapshots; windows where nothing finished are kept."""
-        windows = []
+        return list(self._windows())
+
+    def _windows(self) -> Iterator[Window]:
+        # One window at a time: a decoded histogram is a 188 KB counts array, and a long run has up to
+        # MAX_SNAPSHOTS windows of four metrics (hundreds of MB if they were all alive at once).
         previous: dict[str, HdrHistogram] = {}
         for (start, _), (end, encoded) in zip(self._snapshots, self._snapshots[1:], strict=False):
             if end <= start:
@@ -81,12 +85,11 @@ class IntervalLog:
                 diff = difference(hist, previous.get(name))
                 if diff.get_total_count():
                     interval[name] = diff
-            windows.append(Window(start, end, interval))
+            yield Window(start, end, interval)
             previous = current
-        return windows
 
     def to_json(self) -> dict[str, Any]:
-        return {"metrics": list(self.metrics), "windows": [w.to_json() for w in self.windows()]}
+        return {"metrics": list(self.metrics), "windows": [w.to_json() for w in self._windows()]}
 
 
 def recorded(hist: HdrHistogram) -> list[tuple[int, int]]:
