@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -39,6 +39,11 @@ from infer_bench.scenario.thresholds import (
 from infer_bench.scenario.variables import substitute
 
 _T = TypeVar("_T")
+_ARRIVAL_EXECUTORS = ("constant-arrival-rate", "ramping-arrival-rate")
+_OPEN_MODEL_NOTE = (
+    "{what} paces a VU's own loop (closed executors); an arrival-rate executor starts every request on its "
+    "schedule, so {what} would be ignored: remove it, or use constant-vus / ramping-vus"
+)
 _TAGS = {"executor": tuple(EXECUTOR_FIELDS), "protocol": PROTOCOLS}
 
 
@@ -117,6 +122,8 @@ class _Builder:
             built = [self._user_class(c, index, (*path, "classes", index)) for index, c in enumerate(entry.classes)]
             classes = [user_class for user_class in built if user_class is not None]
             options = {key: getattr(entry, key) for key in EXECUTOR_FIELDS[entry.executor]}
+            if entry.executor in _ARRIVAL_EXECUTORS:
+                self._closed_model_only(entry, path)
             executor = self._attempt(path, partial(executor_spec, entry.executor, options))
             if executor is None or len(classes) < len(built):
                 continue
@@ -177,6 +184,16 @@ class _Builder:
             except GateSyntaxError as exc:
                 self.problems.append(Problem(("gates", "max_regression", figure), str(exc)))
         return tuple(rules)
+
+    def _closed_model_only(self, entry: Any, path: KeyPath) -> None:
+        """Think time and bursts pace a VU's own loop; an arrival-rate executor's schedule starts every
+        request, so there they would be silently ignored: say so instead."""
+        for index, cls in enumerate(entry.classes):
+            where = (*path, "classes", index)
+            if cls.think_time.max > 0:
+                self.problems.append(Problem((*where, "think_time"), _OPEN_MODEL_NOTE.format(what="think_time")))
+            if cls.behavior.burst is not None:
+                self.problems.append(Problem((*where, "behavior", "burst"), _OPEN_MODEL_NOTE.format(what="burst")))
 
     def _user_class(self, entry: ClassEntry, index: int, path: KeyPath) -> UserClass | None:
         prompts = self._prompts(entry.prompts, (*path, "prompts"))
