@@ -49,6 +49,11 @@ def check_target(value: str) -> str:
         raise ValueError(
             f"expected 'reference' or a base URL like http://127.0.0.1:8000 (http, https, ws or wss), got {show(value)}"
         )
+    if parts.path.strip("/"):
+        raise ValueError(
+            f"the target is a base URL (scheme, host and port), got the path {show(parts.path)} in {show(value)}: "
+            "put paths in the request (request.path, or request.path_prefix for openai)"
+        )
     if not is_loopback(parts.hostname):
         raise ValueError(
             f"this build only sends load to loopback addresses (127.0.0.0/8, ::1, localhost), got {show(value)}"
