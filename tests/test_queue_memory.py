@@ -16,7 +16,7 @@ from reference_server.queue.memory import MemoryQueue
 from reference_server.queue.model_source import ModelSource
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings, TokensModelSpec
-from serverkit import SseBlock, sse_blocks
+from serverkit import SseBlock, collect, open_socket, recv, send, sse_blocks
 
 
 @pytest.fixture
@@ -146,3 +146,33 @@ async def test_a_model_failure_ends_the_job_with_model_error_after_the_tokens_be
     assert [c.kind for c in chunks[:-1]] == ["token"] * (len(chunks) - 1)
     assert (chunks[-1].kind, chunks[-1].data, chunks[-1].model_version) == ("error", "model_error", "1")
     assert (queue.counters.failed, queue.counters.completed) == (1, 0)
+
+
+@pytest.mark.slow
+def test_websocket_generations_go_through_the_queue_and_resume_from_another_socket() -> None:
+    spec = TokensModelSpec(base_ms=5, per_seq_ms=0, prefill_ms=0, per_input_token_ms=0)
+    settings = ServerSettings(queue_url="memory://", models=[spec])
+    model = ModelSource.from_settings(settings).resolve("tokens")
+    plan = model.plan("over a socket", 20, None)
+    expected = [model.next_token(plan) for _ in range(20)]
+    with EmbeddedServer(settings) as server:
+        with open_socket(server) as ws:
+            send(ws, {"type": "generate", "id": "g1", "prompt": "over a socket", "max_tokens": 20})
+            got = collect(ws, {"g1"})["g1"]
+            assert [m["token"] for m in got if m["type"] == "token"] == expected
+            assert got[-1]["type"] == "done"
+            assert got[-1]["usage"]["completion_tokens"] == 20
+            send(ws, {"type": "generate", "id": "g2", "prompt": "over a socket", "max_tokens": 20})
+            first = [recv(ws) for _ in range(3)]
+            assert [m["seq"] for m in first] == [0, 1, 2]
+            send(ws, {"type": "cancel", "id": "g2"})
+            while (message := recv(ws))["type"] == "token":
+                pass
+            assert (message["type"], message["error"]) == ("error", "cancelled")
+        with open_socket(server) as ws:  # another socket of the same client: the rest, exactly
+            send(ws, {"type": "resume", "id": "g2", "last_seq": 2})
+            rest = collect(ws, {"g2"})["g2"]
+            assert [(m["seq"], m["token"]) for m in rest if m["type"] == "token"] == list(enumerate(expected))[3:]
+            assert rest[-1]["type"] == "done"
+            send(ws, {"type": "resume", "id": "nope"})
+            assert (recv(ws)["error"]) == "resume_unavailable"

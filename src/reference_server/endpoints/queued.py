@@ -41,7 +41,7 @@ async def stream(request: Request) -> Response:
     if state.draining:
         state.metrics.rejections.child("draining").inc()
         raise Overloaded("the server is shutting down", reason="draining")
-    model = _model_ref(state, body.model)
+    model = model_ref(state, body.model)
     last_event_id = request.headers.get("last-event-id")
     resume = _parse_event_id(last_event_id) if last_event_id is not None else None
     job_id = resume[0] if resume else body.request_id or _header_request_id(request) or secrets.token_hex(8)
@@ -68,7 +68,7 @@ async def stream(request: Request) -> Response:
     return QueuedResponse(state, events, lease, {"X-Request-Id": job_id})
 
 
-def _model_ref(state: ServerState, name: str | None) -> str:
+def model_ref(state: ServerState, name: str | None) -> str:
     """The job's model: a ``tokens`` model of the settings (``name`` or ``name@version``); workers run it."""
     ref = name or state.settings.model
     base, _, version = ref.partition("@")
@@ -138,7 +138,7 @@ async def _events(
                 data = orjson.dumps({"token": chunk.data, "seq": chunk.seq})
                 out += sse_event(data, event="token", event_id=prefix + stream_id)
                 continue
-            end = _end_payload(chunk, model, prompt_tokens)
+            end = end_payload_of(chunk, model, prompt_tokens)
             out += sse_event(orjson.dumps(end), event="done" if chunk.kind == "done" else "error")
             yield bytes(out)
             return
@@ -146,7 +146,7 @@ async def _events(
     yield error_event("timeout", f"no result for job {job_id!r} within its time limit")
 
 
-def _end_payload(chunk: Chunk, model: str, prompt_tokens: int) -> dict[str, object]:
+def end_payload_of(chunk: Chunk, model: str, prompt_tokens: int) -> dict[str, object]:
     """Direct mode's final event body (``streams.end_payload``) from a final chunk."""
     body: dict[str, object] = {
         "done": True,

@@ -26,7 +26,8 @@ from reference_server.batcher import ModelFailed, RequestBatcher
 from reference_server.channels import EndReason, Token
 from reference_server.endpoints.common import ServerState, client_of, invalid_from
 from reference_server.endpoints.streaming import StreamGuard, open_stream
-from reference_server.errors import InvalidRequest, RateLimited, RequestError
+from reference_server.endpoints.ws_queued import run_queued
+from reference_server.errors import InvalidRequest, Overloaded, RateLimited, RequestError
 from reference_server.resume import ResumeUnavailable
 from reference_server.scheduler import GenerationRequest
 from reference_server.schemas import (
@@ -57,6 +58,7 @@ class _Session:
         self.tg = tg
         self.lock = anyio.Lock()
         self.in_flight: dict[str, StreamGuard | None] = {}
+        self.queued: dict[str, anyio.CancelScope] = {}  # queue mode: the readers of this socket's jobs
         self.gone = False  # the peer went away, or we closed
         self.closed = False  # we sent a close
         self.slow = False  # dropped as a slow consumer
@@ -125,6 +127,10 @@ class _Session:
         elif isinstance(msg, WsPong):
             pass  # any message shows the peer is alive; uvicorn's protocol pings judge dead peers
         elif isinstance(msg, WsCancel):
+            if msg.id in self.queued:
+                self.state.metrics.aborts.child("websocket", "cancel").inc()
+                self.queued[msg.id].cancel()
+                return
             guard = self.in_flight.get(msg.id)
             if guard is not None and not guard.seq.channel.closed and guard.seq.cancel_reason is None:
                 self.state.metrics.aborts.child("websocket", "cancel").inc()
@@ -143,7 +149,12 @@ class _Session:
     def _start(self, msg: WsGenerate | WsResume | Any) -> None:
         state = self.state
         state.admission.check_rate(self.client)
-        if isinstance(msg, WsGenerate):
+        if state.queue is not None and isinstance(msg, WsGenerate | WsResume):
+            if state.draining:
+                raise Overloaded("the server is shutting down", reason="draining")
+            self.in_flight[msg.id] = None  # the job's reader keeps the id in flight until it ends
+            self.tg.start_soon(run_queued, self, msg)
+        elif isinstance(msg, WsGenerate):
             scheduler = state.registry.scheduler(msg.model, self.client)
             request = GenerationRequest(msg.prompt, msg.max_tokens, msg.seed)
             # Ids are the socket's own: a clash with another socket's live id only makes this one unresumable.

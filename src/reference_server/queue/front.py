@@ -27,7 +27,7 @@ from reference_server.metrics import ServerMetrics
 from reference_server.queue.backend import JobQueue
 from reference_server.queue.jobs import Chunk, Job
 from reference_server.queue.memory import MemoryQueue
-from reference_server.queue.redis_streams import RedisStreams, connect
+from reference_server.queue.redis_streams import RESULT_TTL_S, RedisStreams, connect
 
 log = logging.getLogger("reference_server.queue")
 
@@ -88,6 +88,24 @@ class QueueFront:
         try:
             owner = await self.streams.owner_of(job_id)
             return owner if owner is not None and await self.streams.results_kept(job_id) else None
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(self.url, exc) from None
+
+    async def remember(self, name: str, value: str) -> None:
+        """Keep ``value`` as long as a job's results (``job_ttl_s`` and then some).
+
+        Raises:
+            QueueUnavailable: Redis cannot be reached.
+        """
+        try:
+            await self.streams.remember(name, value, self.job_ttl_s + RESULT_TTL_S)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(self.url, exc) from None
+
+    async def recall(self, name: str) -> str | None:
+        """Raises: QueueUnavailable: Redis cannot be reached."""
+        try:
+            return await self.streams.recall(name)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(self.url, exc) from None
 

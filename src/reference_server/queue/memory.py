@@ -55,6 +55,7 @@ class MemoryQueue:
     _dead: list[dict[str, str]] = field(default_factory=list)
     _workers: dict[str, float] = field(default_factory=dict)
     _shared: dict[str, int] = field(default_factory=dict)
+    _aliases: dict[str, tuple[str, float]] = field(default_factory=dict)
     _last_id: tuple[int, int] = (0, 0)
 
     def _next_id(self) -> str:
@@ -107,6 +108,13 @@ class MemoryQueue:
         held = self._owners.get(job_id)
         return held[0] if held is not None and held[1] > time.time() else None
 
+    async def remember(self, name: str, value: str, ttl_s: float) -> None:
+        self._aliases[name] = (value, time.time() + ttl_s)
+
+    async def recall(self, name: str) -> str | None:
+        held = self._aliases.get(name)
+        return held[0] if held is not None and held[1] > time.time() else None
+
     async def results_kept(self, job_id: str) -> bool:
         return job_id in self._results or job_id in self._deadlines
 
@@ -140,6 +148,8 @@ class MemoryQueue:
             del self._results[job_id]
         for job_id in [j for j, (_, until) in self._owners.items() if until < now]:
             del self._owners[job_id]
+        for name in [n for n, (_, until) in self._aliases.items() if until < now]:
+            del self._aliases[name]
         return ended
 
     async def heartbeat(self, name: str, now: float) -> None:

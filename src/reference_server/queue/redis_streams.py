@@ -134,6 +134,14 @@ class RedisStreams:
         self.counters.enqueued += 1
         return _text(entry_id)
 
+    async def remember(self, name: str, value: str, ttl_s: float) -> None:
+        """Keep a small value under ``name`` for ``ttl_s`` (a WebSocket request id's job, for a resume)."""
+        await self.client.set(f"{self.prefix}:alias:{name}", value, ex=max(1, int(ttl_s)))
+
+    async def recall(self, name: str) -> str | None:
+        value = await self.client.get(f"{self.prefix}:alias:{name}")
+        return None if value is None else _text(value)
+
     async def results_kept(self, job_id: str) -> bool:
         """Whether a resume can still read the job: it is running, or its results have not expired."""
         async with self.client.pipeline(transaction=False) as pipe:

@@ -1,0 +1,121 @@
+"""``WS /ws`` generations in queue mode: enqueue a job per ``generate``, send its chunks as messages.
+
+The messages are direct mode's (docs/protocol.md): ``token`` with ``seq``, then one ``done`` or
+``error``. A request id is the socket's own; the job behind it gets a random id, and the pair (client,
+request id) is remembered in the queue for as long as the job's results, so ``{"type": "resume", "id",
+"last_seq"}`` finds the job from any socket of the same client on any front end, also after a restart.
+``cancel`` stops sending (the job itself runs on: workers do not watch clients).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import TYPE_CHECKING
+
+import anyio
+import orjson
+from redis.exceptions import RedisError
+
+from reference_server.endpoints.common import ServerState
+from reference_server.endpoints.queued import end_payload_of, model_ref
+from reference_server.errors import Conflict, Overloaded, RequestError
+from reference_server.models.tokens import count_prompt_tokens
+from reference_server.queue.front import READ_BLOCK_MS, QueueFront
+from reference_server.resume import ResumeUnavailable
+from reference_server.schemas import WsGenerate, WsResume
+
+if TYPE_CHECKING:
+    from reference_server.endpoints.ws import _Session
+
+
+def _alias(client: str, request_id: str) -> str:
+    return "ws." + hashlib.blake2b(client.encode(), digest_size=8).hexdigest() + "." + request_id
+
+
+async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
+    """One generation (or resume) of a socket over the queue; refusals are in-band ``error`` messages."""
+    state = session.state
+    front = state.queue
+    assert front is not None
+    request_id = msg.id
+    lease = None
+    try:
+        lease = state.admission.lease(session.client)
+        job_id, after_seq, model, prompt_tokens = await _open(front, session.client, msg, state)
+    except RequestError as exc:
+        state.admission.release(lease)
+        session.in_flight.pop(request_id, None)
+        if isinstance(exc, Overloaded):
+            state.metrics.rejections.child(exc.reason).inc()
+        if isinstance(exc, ResumeUnavailable):
+            state.metrics.resumes.child("unavailable").inc()
+        await session.refuse(request_id, exc)
+        return
+    try:
+        with anyio.CancelScope() as scope:
+            session.queued[request_id] = scope
+            await _pump(session, front, request_id, job_id, after_seq, model, prompt_tokens)
+        if scope.cancelled_caught:  # the client's ``cancel``
+            await session.send({
+                "type": "error", "id": request_id, "done": True, "error": "cancelled",
+                "message": "the request was cancelled (its job runs on; resume to read it)",
+            })  # fmt: skip
+    finally:
+        session.queued.pop(request_id, None)
+        session.in_flight.pop(request_id, None)
+        state.admission.release(lease)
+
+
+async def _open(
+    front: QueueFront, client: str, msg: WsGenerate | WsResume, state: ServerState
+) -> tuple[str, int, str, int]:
+    """Enqueue (generate) or find (resume) the job: its id, the last seq the client has, model, prompt size."""
+    alias = _alias(client, msg.id)
+    if isinstance(msg, WsGenerate):
+        model = model_ref(state, msg.model)
+        job_id = secrets.token_hex(8)
+        if not await front.submit(front.job(job_id, model, msg.prompt, msg.max_tokens, msg.seed), client):
+            raise Conflict(f"job id {job_id!r} is taken; try again")
+        prompt_tokens = count_prompt_tokens(msg.prompt)
+        await front.remember(alias, orjson.dumps([job_id, model, prompt_tokens]).decode())
+        return job_id, -1, model, prompt_tokens
+    remembered = await front.recall(alias)
+    if remembered is not None:
+        job_id, model, prompt_tokens = orjson.loads(remembered)
+        if await front.owner_of(job_id) == client:
+            state.metrics.resumes.child("resumed").inc()
+            return str(job_id), msg.last_seq, str(model), int(prompt_tokens)
+    raise ResumeUnavailable(f"no generation {msg.id!r} of this client is kept (unknown or expired)")
+
+
+async def _pump(
+    session: _Session, front: QueueFront, request_id: str, job_id: str, after_seq: int, model: str, prompt_tokens: int
+) -> None:
+    last = "0-0"
+    # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
+    for _ in range(int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
+        if front.stopping:
+            await _end(session, request_id, "shutdown", "the server is shutting down; resume on another front end")
+            return
+        try:
+            got = await front.read(job_id, last)
+        except (RedisError, OSError) as exc:
+            await _end(session, request_id, "queue_unavailable", f"the job queue is unreachable ({exc}); resume later")
+            return
+        for stream_id, chunk in got:
+            last = stream_id
+            if not chunk.final:
+                if chunk.seq > after_seq and not await session.send(
+                    {"type": "token", "id": request_id, "seq": chunk.seq, "token": chunk.data}
+                ):
+                    return  # the peer is gone
+                continue
+            kind = "done" if chunk.kind == "done" else "error"
+            await session.send({"type": kind, "id": request_id, **end_payload_of(chunk, model, prompt_tokens)})
+            return
+    await _end(session, request_id, "timeout", f"no result for {request_id!r} within its time limit")
+
+
+async def _end(session: _Session, request_id: str, code: str, message: str) -> None:
+    await session.send({"type": "error", "id": request_id, "done": True, "error": code, "message": message})
