@@ -136,3 +136,46 @@ def test_calibrate_refuses_an_unknown_protocol_before_starting_anything() -> Non
 def test_late_sends_with_lost_requests_and_cpu_to_spare_are_the_targets_limit() -> None:
     found = judge(Probe(8000, 16000, 1493, 0, cpu=0.44, lag_p99_ms=1172.5), BOUNDS)
     assert found == ("target", "the target fell behind (1,493 dropped, 0 failed; schedule lag p99 1,172.5 ms > 10 ms)")
+
+
+def test_the_table_shows_the_ceiling_every_run_and_overhead_rows_beyond_the_bounds() -> None:
+    import io
+
+    from rich.console import Console
+
+    from infer_bench.calibrate import render_calibration
+
+    probe = {
+        "rate": 800.0,
+        "sent": 1600,
+        "dropped": 0,
+        "failed": 0,
+        "cpu": 0.3,
+        "lag_p99_ms": 40.0,
+        "latency_p50_ms": None,
+        "latency_p99_ms": None,
+        "failed_because": "schedule lag p99 40.0 ms > 10 ms",
+    }
+    row = {
+        "fraction": 0.5,
+        "rate": 200.0,
+        "cpu": 0.07,
+        "lag_p99_ms": 1833.0,
+        "metric": "ttft",
+        "p50_ms": 1479.7,
+        "p99_ms": 1913.9,
+        "added_mean_ms": 98.6,
+        "itl_p50_ms": 16.2,
+        "itl_p99_ms": 129.1,
+        "itl_added_mean_ms": -1.8,
+        "beyond": "schedule lag p99 1,833.0 ms > 10 ms",
+    }
+    record = {"protocol": "websocket", "mode": "quick", "took_s": 27.6, "ceiling_rate": 400.0, "limited_by": "client",
+              "reason": "at 500/s: schedule lag p99 10.7 ms > 10 ms", "probes": [probe], "overhead": [row],
+              "step_ms": 2.0}  # fmt: skip
+    text = io.StringIO()
+    Console(file=text, width=220, color_system=None).print(render_calibration(record))
+    out = text.getvalue()
+    assert "ceiling 400 req/s per process · limited by client (at 500/s: schedule lag p99 10.7 ms > 10 ms)" in out
+    assert "schedule lag p99 40.0 ms > 10 ms" in out
+    assert "✗ schedule lag p99 1,833.0 ms > 10 ms" in out

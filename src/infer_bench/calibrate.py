@@ -286,9 +286,11 @@ class Overhead:
     itl_p50_ms: float | None
     itl_p99_ms: float | None
     itl_added_mean_ms: float | None
+    beyond: str | None = None
+    """Why this run broke the ceiling's bounds (the machine's other work, most often), or None."""
 
 
-def measure_overhead(url: str, protocol: str, fraction: float, ceiling: float, mode: Mode) -> Overhead:
+def measure_overhead(url: str, protocol: str, fraction: float, ceiling: float, mode: Mode, bounds: Bounds) -> Overhead:
     rate = fraction * ceiling
     streaming = protocol != "http"
     before = server_stamps(url) if streaming else {}
@@ -310,6 +312,7 @@ def measure_overhead(url: str, protocol: str, fraction: float, ceiling: float, m
     return Overhead(
         fraction, round(rate, 1), probe.cpu, probe.lag_p99_ms, metric, probe.latency_p50_ms, probe.latency_p99_ms,
         added(sent.get("mean"), server_ttft), itl.get("p50"), itl.get("p99"), added(itl.get("mean"), server_itl),
+        (judge(probe, bounds) or (None, None))[1],
     )  # fmt: skip
 
 
@@ -341,7 +344,7 @@ def calibrate(
         say(f"overhead: server step {PACED_STEP_MS:g} ms, at {', '.join(f'{f:.0%}' for f in mode.fractions)}")
         with reference_server(paced_settings()) as url:
             for fraction in mode.fractions:
-                overhead.append(measure_overhead(url, protocol, fraction, ceiling.rate, mode))
+                overhead.append(measure_overhead(url, protocol, fraction, ceiling.rate, mode, bounds))
                 say(_overhead_line(overhead[-1]))
     return {
         "protocol": protocol,
@@ -367,7 +370,7 @@ def _overhead_line(o: Overhead) -> str:
     return (
         f"{o.fraction:>4.0%} ({o.rate:,.0f}/s)  CPU {o.cpu:.0%}  {o.metric} p50/p99 {ms(o.p50_ms)}/{ms(o.p99_ms)} ms"
         f"  +{ms(o.added_mean_ms)} ms  ITL p50/p99 {ms(o.itl_p50_ms)}/{ms(o.itl_p99_ms)} ms"
-        f"  +{ms(o.itl_added_mean_ms)} ms"
+        f"  +{ms(o.itl_added_mean_ms)} ms" + (f"  ✗ {o.beyond}" if o.beyond else "")
     )
 
 
@@ -395,10 +398,12 @@ def render_calibration(record: Mapping[str, Any]) -> Any:
                      title=f"the client's overhead (server step {record['step_ms']:g} ms)")  # fmt: skip
         for col in ("load", "rate/s", "CPU", "lag p99", "latency p50", "p99", "added", "ITL p50", "ITL p99", "added"):
             over.add_column(col, justify="right")
+        over.add_column("bounds")
         for o in record["overhead"]:
             over.add_row(f"{o['fraction']:.0%}", f"{o['rate']:,.0f}", f"{o['cpu']:.0%}", f"{o['lag_p99_ms']:,.2f}",
                          *(_ms(o[k]) for k in ("p50_ms", "p99_ms", "added_mean_ms", "itl_p50_ms", "itl_p99_ms",
-                                                "itl_added_mean_ms")))  # fmt: skip
+                                                "itl_added_mean_ms")),
+                         f"✗ {o['beyond']}" if o.get("beyond") else "✓")  # fmt: skip
         parts += [over, Text(
             "latency: TTFT (http: end to end) from the schedule. added: the client's mean from its send minus the "
             "server's own mean for the same requests (http: minus the known step); the server's framing and "
