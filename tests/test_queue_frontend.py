@@ -28,7 +28,7 @@ from reference_server.queue.model_source import ModelSource
 from reference_server.queue.redis_streams import GROUP
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import load_settings
-from serverkit import SseBlock, sse_blocks
+from serverkit import SseBlock, collect, open_socket, recv, send, sse_blocks
 from test_queue_redis import redis_url
 
 __all__ = ["redis_url"]  # a fixture, imported to be found
@@ -292,3 +292,17 @@ def test_streams_still_open_at_the_end_of_the_grace_period_end_in_band_with_thei
             server.stop()
         else:
             stopper.join(timeout=15)
+
+
+def test_a_websocket_generation_resumes_on_another_front_end(queue: Queue) -> None:
+    queue.worker("wa")
+    expected = expected_tokens(queue, BODY["prompt"], 40)
+    with queue.embedded() as first, open_socket(first) as ws:
+        send(ws, {"type": "generate", "id": "g", "prompt": BODY["prompt"], "max_tokens": 40})
+        head = [recv(ws) for _ in range(5)]
+    assert [(m["seq"], m["token"]) for m in head] == list(enumerate(expected))[:5]
+    with queue.embedded() as second, open_socket(second) as ws:
+        send(ws, {"type": "resume", "id": "g", "last_seq": 4})
+        rest = collect(ws, {"g"})["g"]
+    assert [(m["seq"], m["token"]) for m in rest if m["type"] == "token"] == list(enumerate(expected))[5:]
+    assert rest[-1]["type"] == "done"
