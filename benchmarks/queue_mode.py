@@ -157,36 +157,39 @@ def main() -> None:
     args = parser.parse_args()
     cli = [sys.executable, "-m", "infer_bench.cli"]
     prefix = f"inferbench-bench-{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, model in MODELS.items():
-            config = Path(tmp) / "server.yaml"
-            config.write_text(f"queue_prefix: {prefix}\nmodels:\n  - {model}\n")
-            serve = [*cli, "serve", "--config", str(config), "--port", "0"]
-            results = {}
-            for mode in ("direct", "memory", "queue"):
-                commands = [serve]
-                if mode == "memory":
-                    commands = [[*serve, "--queue", "memory://"]]
-                elif mode == "queue":
-                    commands = [[*serve, "--queue", args.redis]] + [
-                        [*cli, "worker", "--queue", args.redis, "--config", str(config)] for _ in range(args.workers)
-                    ]
-                with processes(commands) as lines:
-                    url = lines[0].rsplit(" ", 1)[1]
-                    host, port = url.removeprefix("http://").split(":")
-                    ttft, itl, n = asyncio.run(latency(host, int(port), args.tokens, args.seconds))
-                    rate, failed = asyncio.run(throughput(host, int(port), args.clients, args.seconds))
-                results[mode] = (ttft, itl, rate, failed, n)
-                print(f"{label:>12} {mode:>6}: ttft {ttft:7.2f} ms  itl {itl:6.3f} ms  ({n} streams)  "
-                      f"{rate:8.1f} jobs/s  failed {failed}", flush=True)  # fmt: skip
-            for mode in ("memory", "queue"):
-                added = results[mode][1] - results["direct"][1]
-                print(f"{label:>12} {mode:>6} added/token: {added:+.3f} ms; jobs/s {mode}/direct = "
-                      f"{results[mode][2] / results['direct'][2]:.2f}", flush=True)  # fmt: skip
-    client = redis.Redis.from_url(args.redis)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, model in MODELS.items():
+                config = Path(tmp) / "server.yaml"
+                config.write_text(f"queue_prefix: {prefix}\nmodels:\n  - {model}\n")
+                serve = [*cli, "serve", "--config", str(config), "--port", "0"]
+                results = {}
+                for mode in ("direct", "memory", "queue"):
+                    commands = [serve]
+                    if mode == "memory":
+                        commands = [[*serve, "--queue", "memory://"]]
+                    elif mode == "queue":
+                        commands = [[*serve, "--queue", args.redis]] + [
+                            [*cli, "worker", "--queue", args.redis, "--config", str(config)]
+                            for _ in range(args.workers)
+                        ]
+                    with processes(commands) as lines:
+                        url = lines[0].rsplit(" ", 1)[1]
+                        host, port = url.removeprefix("http://").split(":")
+                        ttft, itl, n = asyncio.run(latency(host, int(port), args.tokens, args.seconds))
+                        rate, failed = asyncio.run(throughput(host, int(port), args.clients, args.seconds))
+                    results[mode] = (ttft, itl, rate, failed, n)
+                    print(f"{label:>12} {mode:>6}: ttft {ttft:7.2f} ms  itl {itl:6.3f} ms  ({n} streams)  "
+                          f"{rate:8.1f} jobs/s  failed {failed}", flush=True)  # fmt: skip
+                for mode in ("memory", "queue"):
+                    added = results[mode][1] - results["direct"][1]
+                    print(f"{label:>12} {mode:>6} added/token: {added:+.3f} ms; jobs/s {mode}/direct = "
+                          f"{results[mode][2] / results['direct'][2]:.2f}", flush=True)  # fmt: skip
+    finally:  # the keys go, whatever happened
+        client = redis.Redis.from_url(args.redis)
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
     print(f"({os.cpu_count()} cores; servers, workers, Redis and this client share them)")
 
 
