@@ -9,6 +9,7 @@ Keys (under one prefix, so tests and deployments never share state)::
     {p}:owner:{id}      the client identity that enqueued a job (resume is theirs only); also claims the id
     {p}:workers         sorted set consumer name → last heartbeat (epoch seconds): the live worker count
     {p}:counters        hash of counters every process adds to (reclaimed, dead-lettered, deliveries, ...)
+    {p}:alias:{name}    a WebSocket request id's job (per client), for a resume from another socket
 
 Workers (``queue.worker``) read in the consumer group, write numbered result chunks and acknowledge a job
 once its final chunk is written; the front end (``queue.front``) enqueues and reads result streams.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -62,9 +63,6 @@ class QueueCounters:
     reclaimed: int = 0
     dead_lettered: int = 0
     expired: int = 0
-
-    def names(self) -> list[str]:
-        return [f.name for f in fields(self)]
 
 
 @dataclass
