@@ -179,3 +179,29 @@ def test_the_table_shows_the_ceiling_every_run_and_overhead_rows_beyond_the_boun
     assert "ceiling 400 req/s per process · limited by client (at 500/s: schedule lag p99 10.7 ms > 10 ms)" in out
     assert "schedule lag p99 40.0 ms > 10 ms" in out
     assert "✗ schedule lag p99 1,833.0 ms > 10 ms" in out
+
+
+def test_late_sends_with_the_client_mostly_idle_are_the_machines_doing() -> None:
+    found = judge(Probe(200, 400, 0, 0, cpu=0.10, lag_p99_ms=17.4), BOUNDS)
+    assert found is not None
+    assert found[0] == "machine"
+    assert found[1].startswith("schedule lag p99 17.4 ms > 10 ms at 10% client CPU")
+
+
+def test_a_run_failed_by_the_machine_is_run_again_within_a_budget() -> None:
+    """A busy moment at 400/s is retried and passes; a machine busy at every rate above 1,000/s uses up the
+    retries and then counts as a failure."""
+    asked: list[float] = []
+
+    def measure(rate: float) -> Probe:
+        asked.append(rate)
+        busy = (rate == 400 and asked.count(400) == 1) or rate > 1_000
+        return Probe(rate, int(rate), 0, 0, cpu=0.1, lag_p99_ms=30.0 if busy else 1.0)
+
+    ceiling = search_ceiling(measure, DEFAULT, BOUNDS)
+    assert asked.count(400) == 2  # retried once, then passed
+    assert ceiling.limited_by == "machine"
+    assert ceiling.rate is not None
+    assert 1_000 / (1 + DEFAULT.resolution) <= ceiling.rate <= 1_000
+    retried = len(asked) - len(set(asked))
+    assert retried <= DEFAULT.retries + DEFAULT.confirm  # every retry is within the budget

@@ -121,3 +121,9 @@ def test_the_summary_says_when_a_run_stayed_within_the_calibrated_range() -> Non
     text = io.StringIO()
     Console(file=text, width=200, color_system=None).print(render_summary(result))
     assert "within this machine's calibrated range (sse: up to 3,900 req/s per process; peak 100/s)" in text.getvalue()
+
+
+def test_a_ceiling_set_by_a_busy_machine_says_so() -> None:
+    calibrated = {"sse": {"ceiling_rate": 175.0, "limited_by": "machine", "measured_at": "t"}}
+    (warning,) = range_warnings(range_note(series(400, 400), ["sse"], calibrated))
+    assert "(up to 175 req/s per process, where other work on the machine made the client late)" in warning

@@ -88,13 +88,15 @@ class Mode:
     confirm: int
     max_runs: int
     overhead_run_s: float
+    retries: int = 2
+    """Runs failed by the machine's other work that are run again (in all, not per rate)."""
     fractions: tuple[float, ...] = (0.25, 0.5, 0.8)
 
 
 QUICK = Mode("quick", run_s=2.0, warmup_s=0.5, start_rate=100, maximum=32_000, resolution=0.25, confirm=0,
-             max_runs=8, overhead_run_s=1.5)  # fmt: skip
+             max_runs=8, overhead_run_s=1.5, retries=1)  # fmt: skip
 DEFAULT = Mode("default", run_s=5.0, warmup_s=1.0, start_rate=100, maximum=64_000, resolution=0.08, confirm=1,
-               max_runs=16, overhead_run_s=5.0)  # fmt: skip
+               max_runs=16, overhead_run_s=5.0, retries=3)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,12 @@ class Probe:
 
 
 def judge(probe: Probe, bounds: Bounds) -> tuple[str, str] | None:
-    """Why ``probe``'s rate is beyond the accurate range — (``client`` or ``target``, reason) — or None.
+    """Why ``probe``'s rate is beyond the accurate range — (``client``, ``target`` or ``machine``, reason) — or None.
 
     A busy client is the client's limit. Lost requests (drops: every VU was waiting on the target) with a
     client that had CPU to spare are the target's, even when sends were late too: a saturated target
-    backs up connects and VUs, and the schedule waits for them.
+    backs up connects and VUs, and the schedule waits for them. Late sends from a client at under half
+    its CPU bound are the machine's: other work kept it off the CPU (or its loop was blocked).
     """
     late = probe.lag_p99_ms > bounds.lag_p99_ms
     lag = f"schedule lag p99 {probe.lag_p99_ms:,.1f} ms > {bounds.lag_p99_ms:g} ms"
@@ -125,6 +128,8 @@ def judge(probe: Probe, bounds: Bounds) -> tuple[str, str] | None:
     if probe.dropped + probe.failed > bounds.loss * max(probe.sent + probe.dropped, 1):
         lost = f"{probe.dropped:,} dropped, {probe.failed:,} failed"
         return "target", f"the target fell behind ({lost}" + (f"; {lag}" if late else "") + ")"
+    if late and probe.cpu <= bounds.cpu / 2:
+        return "machine", f"{lag} at {probe.cpu:.0%} client CPU (other work on the machine, or a blocked loop)"
     if late:
         return "client", lag
     return None
@@ -135,7 +140,7 @@ class Ceiling:
     """The highest rate found within the bounds, what gave out above it, and every run tried."""
 
     rate: float | None
-    limited_by: str  # client | target | none (nothing gave out up to the highest rate tried)
+    limited_by: str  # client | target | machine | none (nothing gave out up to the highest rate tried)
     reason: str
     verdict: str
     probes: list[tuple[Probe, str | None]] = field(default_factory=list)
@@ -147,18 +152,27 @@ Measure = Callable[[float], Probe]
 def search_ceiling(
     measure: Measure, mode: Mode, bounds: Bounds, progress: Callable[[str], None] | None = None
 ) -> Ceiling:
-    """Doubling then bisection over ``measure(rate)`` (pure but for ``measure``): the highest rate within ``bounds``."""
+    """Doubling then bisection over ``measure(rate)`` (pure but for ``measure``): the highest rate within ``bounds``.
+
+    A run failed by the machine (late with CPU to spare) is run again, up to ``mode.retries`` times in all:
+    a shared machine's other work comes and goes, and one busy moment is not the client's ceiling.
+    """
     probes: list[tuple[Probe, str | None]] = []
     failures: dict[float, tuple[str, str]] = {}
+    retries = [mode.retries]
 
     def passes(rate: float) -> bool:
-        probe = measure(rate)
-        failed = judge(probe, bounds)
-        probes.append((probe, failed[1] if failed else None))
+        while True:
+            probe = measure(rate)
+            failed = judge(probe, bounds)
+            probes.append((probe, failed[1] if failed else None))
+            if progress is not None:
+                progress(_probe_line(probe, failed))
+            if failed is None or failed[0] != "machine" or retries[0] <= 0:
+                break
+            retries[0] -= 1
         if failed:
             failures[rate] = failed
-        if progress is not None:
-            progress(_probe_line(probe, failed))
         return failed is None
 
     cap = find_capacity("client", passes, start=mode.start_rate, maximum=mode.maximum,

@@ -139,8 +139,17 @@ def range_warnings(note: Mapping[str, Any] | None) -> list[str]:
     )
     if note["limited_by"] == "client":
         return [f"{sent}: measurements above {rate} per process on this machine are not trustworthy: use --processes"]
-    # The calibration stopped where its reference server gave out, not the client: above it, nobody knows.
+    # The calibration stopped before the client did (its server gave out, the machine was busy, or the
+    # search ended): above its ceiling nobody knows how true the figures are.
+    where = _STOPPED_BY.get(str(note["limited_by"]), "where the calibration stopped")
     return [
-        f"{sent}: beyond the range calibrated on this machine (up to {rate} per process, where the calibration's "
-        "server gave out first), accuracy is unknown: use --processes to stay within it"
+        f"{sent}: beyond the range calibrated on this machine (up to {rate} per process, {where}), accuracy is "
+        "unknown: use --processes to stay within it"
     ]
+
+
+_STOPPED_BY = {
+    "target": "where the calibration's server gave out first",
+    "machine": "where other work on the machine made the client late",
+    "none": "the highest rate the calibration tried",
+}
