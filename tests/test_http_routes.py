@@ -160,3 +160,11 @@ def test_stats_gives_the_same_figures_as_json(client: TestClient) -> None:
 def test_metrics_route_is_absent_when_disabled() -> None:
     with TestClient(create_app(ServerSettings(metrics=False))) as c:
         assert c.get("/metrics").status_code == 404
+
+
+def test_an_integer_beyond_64_bits_is_echoed_not_a_server_error(client: TestClient) -> None:
+    # Found by the fuzz test: JSON allows any integer, orjson renders only 64-bit ones.
+    response = client.post("/predict", content=b'{"input": {"big": 123456789012345678901234567890}}',
+                           headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 200
+    assert b"123456789012345678901234567890" in response.content

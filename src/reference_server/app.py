@@ -68,6 +68,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         ),
         Route("/v1/models", counted("models", openai.models, metrics), methods=["GET"]),
         Route("/healthz", ops.healthz, methods=["GET"]),
+        Route("/openapi.json", ops.openapi, methods=["GET"]),
         Route("/readyz", ops.readyz, methods=["GET"]),
         Route("/stats", ops.stats, methods=["GET"]),
         Route("/admin/models", counted("admin", admin.list_models, metrics), methods=["GET"]),

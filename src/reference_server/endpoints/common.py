@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -68,7 +69,10 @@ class JSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        try:
+            return orjson.dumps(content)
+        except TypeError:  # an integer beyond 64 bits, echoed from a request: JSON allows it, orjson does not
+            return json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def read_json(request: Request, schema: type[M], limit: int) -> M:

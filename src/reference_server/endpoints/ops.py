@@ -6,12 +6,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reference_server.endpoints.common import JSONResponse, state_of
+from reference_server.openapi import openapi_document
+
+OPENAPI = openapi_document()  # built once: it depends on the request models only
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(OPENAPI)
 
 
 async def readyz(request: Request) -> Response:
