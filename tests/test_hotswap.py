@@ -106,7 +106,8 @@ def test_admin_routes_are_off_without_a_token_and_need_the_right_one(
     assert http.get(off.url + "/admin/models", headers=AUTH).status_code == 404
     on = start_server(admin_token=TOKEN)
     assert http.get(on.url + "/admin/models").status_code == 401
-    assert http.get(on.url + "/admin/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert http.get(on.url + "/admin/models", headers={"Authorization": "Basic x"}).status_code == 401
+    assert http.get(on.url + "/admin/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
     listed = http.get(on.url + "/admin/models", headers=AUTH)
     assert listed.status_code == 200
     assert {m["name"]: m["serving"] for m in listed.json()["models"]} == {"echo": "1", "tokens": "1"}

@@ -57,6 +57,11 @@ class Unauthorized(RequestError):
     code = "unauthorized"
 
 
+class Forbidden(RequestError):
+    status = 403
+    code = "forbidden"
+
+
 class Conflict(RequestError):
     status = 409
     code = "conflict"

@@ -1,7 +1,8 @@
 """``/admin``: list, load and unload model versions. Off unless ``admin_token`` is set.
 
-Every admin route needs ``Authorization: Bearer <admin_token>``, compared in constant time. Without a
-configured token the routes answer 404, as if absent: an unauthenticated admin API is never on.
+Every admin route needs ``Authorization: Bearer <admin_token>``, compared in constant time: 401 without
+credentials, 403 with the wrong ones. Without a configured token the routes answer 404, as if absent: an
+unauthenticated admin API is never on.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from reference_server.endpoints.common import JSONResponse, invalid_from, read_json, state_of
-from reference_server.errors import InvalidRequest, RequestError, Unauthorized
+from reference_server.errors import Forbidden, InvalidRequest, RequestError, Unauthorized
 from reference_server.schemas import AnyObject, UnloadRequest
 from reference_server.settings import EchoModelSpec, ModelSpec, TokensModelSpec
 
@@ -32,8 +33,10 @@ def _authorize(request: Request) -> None:
     given = request.headers.get("authorization", "")
     scheme, _, value = given.partition(" ")
     expected = token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
+    if scheme.lower() != "bearer" or not value.strip():
         raise Unauthorized("admin routes need Authorization: Bearer <admin_token>")
+    if not hmac.compare_digest(value.strip().encode(), expected):
+        raise Forbidden("the admin token is not the one configured")
 
 
 async def list_models(request: Request) -> Response:
