@@ -1,9 +1,10 @@
 """Fuzz every HTTP route of the reference server from its own OpenAPI description (schemathesis): whatever
-the body, the answer is never a 5xx. Against a real server on loopback, with zero-cost models and a small
-token limit so that no generated request streams for long."""
+the body, the answer is never a 5xx. And /ws with arbitrary frames: the answer stays in-band. Against a
+real server on loopback, with zero-cost models and a small token limit so that nothing streams for long."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,9 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from websockets.sync.client import connect
 
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
@@ -63,3 +66,40 @@ def test_no_generated_request_gets_a_server_error(fuzz_url: str) -> None:
         check()
     assert operations >= 10
     assert not failures, "\n".join(failures[:10])
+
+
+# --- WebSocket messages ----------------------------------------------------------------------------------
+
+_FIELD_VALUES = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
+ws_messages = (
+    st.binary(max_size=64)
+    | st.text(max_size=64)
+    | st.fixed_dictionaries(
+        {"type": st.sampled_from(["generate", "predict", "cancel", "ping", "resume", "pong", "bogus"])},
+        optional={
+            "id": st.text(max_size=12) | st.integers(),
+            "prompt": _FIELD_VALUES,
+            "max_tokens": _FIELD_VALUES,
+            "input": _FIELD_VALUES | st.lists(st.floats(allow_nan=False), max_size=3),
+            "last_seq": _FIELD_VALUES,
+            "extra": _FIELD_VALUES,
+        },
+    ).map(lambda message: json.dumps(message, allow_nan=True))
+)
+
+
+@settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(message=ws_messages)
+def test_no_websocket_message_breaks_the_socket_or_the_server(fuzz_url: str, message: str | bytes) -> None:
+    """Whatever a client sends on /ws, the answer is in-band (an error, or the reply a valid message gets),
+    the socket stays open, and the server keeps serving."""
+    with connect(fuzz_url.replace("http://", "ws://") + "/ws", open_timeout=5, close_timeout=1) as socket:
+        socket.send(message)
+        socket.send(json.dumps({"type": "ping", "data": "probe"}))  # answered in order after what came before
+        for _ in range(100):  # bounded: a valid generate streams at most 16 tokens first
+            reply = json.loads(socket.recv(timeout=3))
+            if reply.get("type") == "pong" and reply.get("data") == "probe":
+                break
+            assert reply.get("type") in {"error", "token", "done", "result", "pong", "rate_limited"}, reply
+        else:
+            pytest.fail("no pong after the fuzzed message")
