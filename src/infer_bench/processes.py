@@ -157,7 +157,7 @@ def run_processes(
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="infer-bench-shards-")))
         delay_s = START_DELAY_S + START_DELAY_PER_CHILD_S * count
         start_at_ns = time.time_ns() + int(delay_s * 1e9)
-        with _signals_caught() as caught:
+        with signals_caught() as caught:
             children = [_start_child(args, Shard(i, count), url, start_at_ns, tmp) for i in range(count)]
             if progress is not None:
                 pids = ", ".join(str(c.proc.pid) for c in children)
@@ -195,8 +195,8 @@ def _start_child(args: ChildArgs, shard: Shard, url: str, start_at_ns: int, tmp:
 
 
 @contextlib.contextmanager
-def _signals_caught() -> Iterator[list[str]]:
-    """Ctrl-C and SIGTERM recorded (the supervisor forwards them) instead of ending the parent mid-run."""
+def signals_caught() -> Iterator[list[str]]:
+    """Ctrl-C and SIGTERM recorded (a supervisor then stops its shards) instead of ending the parent mid-run."""
     caught: list[str] = []
     names = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "interrupted (SIGTERM)"}
 

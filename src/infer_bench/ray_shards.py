@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from infer_bench.clients.requests import Target
 from infer_bench.errors import RunAborted, UsageError
 from infer_bench.merge import merge_results
-from infer_bench.processes import check_shardable, progress_line, time_limit_s
+from infer_bench.processes import check_shardable, progress_line, signals_caught, time_limit_s
 from infer_bench.result import check_writable, write_result
 from infer_bench.runner import (
     ShardPart,
@@ -222,7 +220,7 @@ def _run_on(
         actors = [_Actor(Shard(i, count), actor_class.options(scheduling_strategy="SPREAD").remote())
                   for i in range(count)]  # fmt: skip
         stack.callback(_kill_all, ray, [board, *(a.handle for a in actors)])
-        with _signals_caught() as caught:
+        with signals_caught() as caught:
             _await_ready(ray, actors)
             start_at_ns = time.time_ns() + int(START_DELAY_S * 1e9)
             if progress is not None:
@@ -255,23 +253,6 @@ def _await_ready(ray: Any, actors: list[_Actor]) -> None:
         )
     for actor, (host, pid) in zip(actors, ray.get(refs), strict=True):
         actor.host, actor.pid = host, pid
-
-
-@contextlib.contextmanager
-def _signals_caught() -> Iterator[list[str]]:
-    """Ctrl-C and SIGTERM recorded (the supervisor stops the shards through the board) instead of ending the parent."""
-    caught: list[str] = []
-    names = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "interrupted (SIGTERM)"}
-
-    def note(signum: int, frame: FrameType | None) -> None:
-        caught.append(names.get(signal.Signals(signum), "interrupted"))
-
-    previous = {sig: signal.signal(sig, note) for sig in names}
-    try:
-        yield caught
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _supervise(

@@ -103,7 +103,7 @@ def reference_server(settings: dict[str, Any]) -> Iterator[str]:
         try:
             yield _await_announcement(proc, log)
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def _await_announcement(proc: subprocess.Popen[str], log: Path) -> str:
@@ -125,7 +125,8 @@ def _await_announcement(proc: subprocess.Popen[str], log: Path) -> str:
     raise RunAborted(f"the reference server did not start: {err or 'no announcement within the time limit'}")
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """End a child we started, by its PID: SIGTERM, then SIGKILL after 15 s."""
     if proc.stdout is not None:
         proc.stdout.close()
     if proc.poll() is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
-import signal
 import socket
 import subprocess
 import time
@@ -24,7 +23,7 @@ import httpx
 
 from infer_bench.errors import RunAborted, ScenarioError
 from infer_bench.result import write_result
-from infer_bench.runner import reference_server, run_scenario
+from infer_bench.runner import reference_server, run_scenario, stop_process
 from infer_bench.scenario import ConstantArrivalRate, ConstantVUs, Scenario
 from infer_bench.sweep.analysis import (
     Capacity,
@@ -295,13 +294,7 @@ def command_server(command: str, ready_url: str | None, setting: Setting, timeou
         _await_ready(proc, probe, timeout_s, argv)
         yield url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
 
 
 def _await_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float, argv: list[str]) -> None:
