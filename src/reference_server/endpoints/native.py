@@ -12,8 +12,8 @@ from starlette.responses import Response
 from reference_server.batcher import ModelFailed
 from reference_server.channels import Token
 from reference_server.endpoints.common import JSONResponse, ServerState, admit, client_of, read_json, state_of
-from reference_server.endpoints.streaming import SseResponse, StreamGuard, open_stream
-from reference_server.errors import Conflict, InvalidRequest, RequestError
+from reference_server.endpoints.streaming import SseResponse, StreamGuard, open_stream, rejoin_stream
+from reference_server.errors import Conflict, InvalidRequest
 from reference_server.resume import Resumable, ResumeUnavailable, parse_event_id
 from reference_server.scheduler import GenerationRequest
 from reference_server.schemas import REQUEST_ID, GenerateRequest, PredictBatchRequest, PredictRequest
@@ -116,17 +116,7 @@ async def _resume(state: ServerState, client: str, last_event_id: str) -> Respon
         oldest = entry.seq.channel.history[0].seq if entry.seq.channel.history else 0
         message = f"events after {key}:{last_seq} are no longer buffered (the oldest kept is {key}:{oldest})"
         return _sse_error(state, "resume_unavailable", message)
-    lease = None
-    try:
-        lease = state.admission.lease(client)
-        entry.scheduler.resume(entry.seq)
-    except RequestError:
-        state.admission.release(lease)
-        state.resumes.detach(entry, complete=False)
-        raise
-    metrics.resumes.child("resumed").inc()
-    guard = StreamGuard(state, "sse", entry.scheduler, entry.seq, lease, entry)
-    return _sse(state, guard, key, replay)
+    return _sse(state, rejoin_stream(state, "sse", client, entry), key, replay)
 
 
 async def _attach(state: ServerState, key: str, client: str) -> Resumable:

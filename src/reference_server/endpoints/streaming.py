@@ -127,6 +127,25 @@ def open_stream(
     return StreamGuard(state, transport, scheduler, seq, lease, resumable)
 
 
+def rejoin_stream(state: ServerState, transport: str, client: str, entry: Resumable) -> StreamGuard:
+    """Lease again and put a resumed stream's generation back in the queue where it stopped; on a refusal
+    the lease is returned and the entry let go, so the stream stays resumable no more.
+
+    Raises:
+        TooManyStreams, Overloaded: as ``open_stream``.
+    """
+    lease = None
+    try:
+        lease = state.admission.lease(client)
+        entry.scheduler.resume(entry.seq)
+    except RequestError:
+        state.admission.release(lease)
+        state.resumes.detach(entry, complete=False)
+        raise
+    state.metrics.resumes.child("resumed").inc()
+    return StreamGuard(state, transport, entry.scheduler, entry.seq, lease, entry)
+
+
 class SseResponse(StreamingResponse):
     """A streaming response whose writes are watched for a deadline, and whose guard is always closed."""
 

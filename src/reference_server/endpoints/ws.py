@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from reference_server.batcher import ModelFailed, RequestBatcher
 from reference_server.channels import EndReason, Token
 from reference_server.endpoints.common import ServerState, client_of, invalid_from
-from reference_server.endpoints.streaming import StreamGuard, open_stream
+from reference_server.endpoints.streaming import StreamGuard, open_stream, rejoin_stream
 from reference_server.endpoints.ws_queued import run_queued
 from reference_server.errors import InvalidRequest, Overloaded, RateLimited, RequestError
 from reference_server.resume import ResumeUnavailable
@@ -181,16 +181,7 @@ class _Session:
             state.resumes.detach(entry, complete=False)
             metrics.resumes.child("gap").inc()
             raise ResumeUnavailable(f"events of {msg.id!r} after seq {msg.last_seq} are no longer buffered")
-        lease = None
-        try:
-            lease = state.admission.lease(self.client)
-            entry.scheduler.resume(entry.seq)
-        except RequestError:
-            state.admission.release(lease)
-            state.resumes.detach(entry, complete=False)
-            raise
-        metrics.resumes.child("resumed").inc()
-        guard = StreamGuard(state, "websocket", entry.scheduler, entry.seq, lease, entry)
+        guard = rejoin_stream(state, "websocket", self.client, entry)
         self.in_flight[msg.id] = guard
         self.tg.start_soon(self.pump, msg.id, guard, replay)
 
