@@ -91,3 +91,11 @@ class StepWrites:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
+
+
+def dead_letter_notice(last: Chunk | None, deliveries: int) -> Chunk | None:
+    """The error chunk that tells a dead-lettered job's client, after its ``last`` chunk (None: it ended)."""
+    if last is not None and last.final:
+        return None
+    message = f"the job failed {deliveries} deliveries and was set aside"
+    return Chunk(0 if last is None else last.seq + 1, "error", "dead_lettered", message)

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from reference_server.queue.jobs import Chunk, Job, StepWrites
+from reference_server.queue.jobs import Chunk, Job, StepWrites, dead_letter_notice
 from reference_server.queue.redis_streams import HEARTBEAT_TTL_S, RESULT_TTL_S, QueueCounters
 
 
@@ -223,11 +223,8 @@ class MemoryQueue:
     async def dead_letter(self, entry_id: str, fields: dict[str, str], deliveries: int) -> None:
         self._dead.append({**fields, "deliveries": str(deliveries), "entry": entry_id})
         job_id = fields.get("id")
-        if job_id:
-            last = await self.last_chunk(job_id)
-            if last is None or not last.final:
-                message = f"the job failed {deliveries} deliveries and was set aside"
-                await self.write(job_id, Chunk(0 if last is None else last.seq + 1, "error", "dead_lettered", message))
+        if job_id and (notice := dead_letter_notice(await self.last_chunk(job_id), deliveries)) is not None:
+            await self.write(job_id, notice)
         await self.ack(entry_id)
         await self.count("dead_lettered")
 

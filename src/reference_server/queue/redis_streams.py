@@ -35,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from reference_server.queue.jobs import Chunk, Job, StepWrites
+from reference_server.queue.jobs import Chunk, Job, StepWrites, dead_letter_notice
 
 GROUP = "workers"
 RESULT_TTL_S = 300  # a finished job's results stay readable this long (resume after a front-end restart)
@@ -227,11 +227,8 @@ class RedisStreams:
         dead: Any = {**fields, "deliveries": str(deliveries), "entry": entry_id}
         await self.client.xadd(self.dead, dead)
         job_id = fields.get("id")
-        if job_id:
-            last = await self.last_chunk(job_id)
-            if last is None or not last.final:
-                message = f"the job failed {deliveries} deliveries and was set aside"
-                await self.write(job_id, Chunk(0 if last is None else last.seq + 1, "error", "dead_lettered", message))
+        if job_id and (notice := dead_letter_notice(await self.last_chunk(job_id), deliveries)) is not None:
+            await self.write(job_id, notice)
         await self.ack(entry_id)
         await self.count("dead_lettered")
 
