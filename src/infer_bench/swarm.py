@@ -310,7 +310,6 @@ class ScenarioRun:
                         await self.iterate(client, runtime, started)
                         if not runtime.thinks:
                             continue
-                        sends = clients
                     else:
                         sends = [c for c in clients if _take(budget_left) and _take(shared)]
                         if not sends:
