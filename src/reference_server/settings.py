@@ -107,6 +107,9 @@ class ServerSettings(BaseModel):
     max_streams_per_client: int | None = Field(None, ge=1, description="concurrent streams per client; None = off")
     stream_lease_ttl_s: float = Field(3600.0, gt=0, description="a stream lease lapses after this, held or not")
     max_clients_tracked: int = Field(100_000, ge=16, description="token buckets kept before idle ones are dropped")
+    max_connections_per_client: int | None = Field(
+        None, ge=1, description="open TCP connections per client address (HTTP and WebSocket); None = off"
+    )
 
     # Time limits of a stream (None = no limit); the sweeper checks them every sweep_interval_s.
     first_token_timeout_s: float | None = Field(120.0, gt=0)
