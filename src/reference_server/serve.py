@@ -29,15 +29,16 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.supervisors import Multiprocess
 
 from reference_server.app import create_app
+from reference_server.connections import LimitedHttpProtocol, LimitedWebSocketProtocol, ReferenceConfig
 from reference_server.endpoints.common import ServerState
 from reference_server.errors import ConfigError
 from reference_server.settings import ServerSettings, load_settings
 
 SETTINGS_ENV = "INFERBENCH_SERVER_SETTINGS"
-_WS_PROTOCOLS = "uvicorn.protocols.websockets"
 
 log = logging.getLogger("reference_server")
 
@@ -84,10 +85,13 @@ def uvicorn_config(settings: ServerSettings, app: Starlette | None = None) -> uv
         "lifespan": "on",
         "server_header": False,
     }
+    if settings.max_connections_per_client is not None:  # the plain protocols otherwise: nothing to count
+        common.update(http=LimitedHttpProtocol, ws=LimitedWebSocketProtocol)
+    common["max_connections_per_client"] = settings.max_connections_per_client
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        return uvicorn.Config("reference_server.serve:app_from_env", factory=True, workers=settings.workers, **common)
-    return uvicorn.Config(app or create_app(settings), **common)
+        return ReferenceConfig("reference_server.serve:app_from_env", factory=True, workers=settings.workers, **common)
+    return ReferenceConfig(app or create_app(settings), **common)
 
 
 class ReferenceServer(uvicorn.Server):
@@ -132,7 +136,7 @@ class ReferenceServer(uvicorn.Server):
         # streams off with no grace period. Keep them out of that sweep: their tasks still count as
         # running, so uvicorn waits for them, and each session closes itself (1001) once its streams
         # have ended — finished, or ended in-band by ``_abort_streams`` at the end of the grace period.
-        websockets = [c for c in self.server_state.connections if type(c).__module__.startswith(_WS_PROTOCOLS)]
+        websockets = [c for c in self.server_state.connections if isinstance(c, WebSocketsSansIOProtocol)]
         for connection in websockets:
             self.server_state.connections.discard(connection)
         await super().shutdown(sockets)
