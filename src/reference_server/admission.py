@@ -6,14 +6,23 @@ client costs nothing and the hot path is one dict lookup and a little arithmetic
 
 A client's identity (``X-Client-Id``, else a digest of its API key, else its peer address) is used for
 limits and A/B routing only — never as a metrics label, whose cardinality must stay bounded.
+
+In queue mode on Redis the generation routes take their tokens and leases from ``SharedLimits`` (the
+``*_shared`` methods), so every front end sees the same counts; elsewhere those methods are the in-memory
+ones. Shared leases are renewed by their front end (``keep_shared_leases``) and lapse if it dies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
 
 from reference_server.errors import RateLimited, TooManyStreams
 from reference_server.metrics import ServerMetrics
@@ -170,6 +179,41 @@ class LeaseTable:
             self._held.pop(client, None)
 
 
+@dataclass(frozen=True)
+class Acquired:
+    """A shared lease acquire's answer."""
+
+    granted: bool
+    held: int  # the client's leases after this acquire (or at the refusal)
+    lapsed: int  # leases this acquire found expired and dropped
+
+
+class SharedLimits(Protocol):
+    """Token buckets and leases every front end shares (``queue.shared_limits.RedisLimits``).
+
+    Times are epoch seconds from the caller. ``take`` and ``acquire`` raise ``Overloaded`` (503) when
+    the store cannot be reached; ``release`` and ``renew`` never raise (a lease lapses by itself).
+    """
+
+    async def take(self, client: str, rate: float, burst: float, now: float) -> float: ...
+    async def acquire(self, client: str, lease_id: str, limit: int, expires_at: float, now: float) -> Acquired: ...
+    async def release(self, client: str, lease_id: str) -> None: ...
+    async def renew(self, leases: list[tuple[str, str, float]], now: float) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class SharedLease:
+    """A lease in ``SharedLimits``; ``deadline`` (epoch seconds) caps its renewals at ``stream_lease_ttl_s``."""
+
+    client: str
+    id: str
+    deadline: float
+    released: bool = field(default=False)
+
+    def expiry(self, now: float, renew_ttl_s: float) -> float:
+        return min(self.deadline, now + renew_ttl_s)
+
+
 class Admission:
     """The per-client gate in front of every model route; free when both limits are off (the default).
 
@@ -187,9 +231,17 @@ class Admission:
         max_clients: int,
         metrics: ServerMetrics,
         clock: Clock,
+        shared: SharedLimits | None = None,
+        shared_lease_ttl_s: float = 30.0,
+        wall_clock: Clock = time.time,
     ) -> None:
         self._clock = clock
         self._metrics = metrics
+        self.rate_per_s, self.burst, self.max_streams, self.lease_ttl_s = rate_per_s, burst, max_streams, lease_ttl_s
+        self.shared = shared
+        self.shared_lease_ttl_s = shared_lease_ttl_s  # a shared lease not renewed within this lapses
+        self._wall = wall_clock  # shared limits compare times across processes: epoch seconds
+        self._shared_held: set[SharedLease] = set()
         self.limiter = RateLimiter(rate_per_s, burst, max_clients=max_clients) if rate_per_s else None
         self.leases = LeaseTable(max_streams, lease_ttl_s, clock) if max_streams else None
         self._rate_limited = metrics.rejections.child("rate_limited")
@@ -240,8 +292,82 @@ class Admission:
             if expired:
                 self._metrics.lease_expiries.child().inc(expired)
 
+    async def check_rate_shared(self, client: str) -> None:
+        """``check_rate`` on the shared bucket (the in-memory one when nothing is shared).
+
+        Raises:
+            RateLimited: the bucket is empty.
+            Overloaded: the shared store cannot be reached.
+        """
+        if self.shared is None:
+            self.check_rate(client)
+            return
+        if self.rate_per_s is None:
+            return
+        wait_s = await self.shared.take(client, self.rate_per_s, self.burst, self._wall())
+        if wait_s > 0:
+            self._rate_limited.inc()
+            raise RateLimited(
+                f"too many requests from this client (limit {self.rate_per_s:g}/s, burst {self.burst:g}, "
+                "shared by every front end)",
+                retry_after_s=wait_s,
+            )
+
+    async def lease_shared(self, client: str) -> Lease | SharedLease | None:
+        """``lease`` from the shared table (the in-memory one when nothing is shared).
+
+        Raises:
+            TooManyStreams: the client holds its limit of streams on all front ends together.
+            Overloaded: the shared store cannot be reached.
+        """
+        if self.shared is None:
+            return self.lease(client)
+        if self.max_streams is None:
+            return None
+        now = self._wall()
+        lease = SharedLease(client, secrets.token_hex(8), now + self.lease_ttl_s)
+        got = await self.shared.acquire(
+            client, lease.id, self.max_streams, lease.expiry(now, self.shared_lease_ttl_s), now
+        )
+        if got.lapsed:
+            self._metrics.lease_expiries.child().inc(got.lapsed)
+        if not got.granted:
+            self._too_many_streams.inc()
+            raise TooManyStreams(
+                f"this client already has {got.held} streams open on all front ends (limit {self.max_streams})"
+            )
+        self._shared_held.add(lease)
+        return lease
+
+    async def release_shared(self, lease: Lease | SharedLease | None) -> None:
+        """Give back a lease of either kind; twice does nothing."""
+        if not isinstance(lease, SharedLease):
+            self.release(lease)
+            return
+        if lease.released or self.shared is None:
+            return
+        lease.released = True
+        self._shared_held.discard(lease)
+        await self.shared.release(lease.client, lease.id)
+
+    async def renew_shared(self) -> None:
+        """Push the expiry of this process's open shared leases ``shared_lease_ttl_s`` ahead (to their deadline)."""
+        if self.shared is None:
+            return
+        now = self._wall()
+        for lease in [held for held in self._shared_held if held.deadline <= now]:
+            self._shared_held.discard(lease)  # past stream_lease_ttl_s: lapsed in the store too
+        leases = [(held.client, held.id, held.expiry(now, self.shared_lease_ttl_s)) for held in self._shared_held]
+        await self.shared.renew(leases, now)
+
+    async def keep_shared_leases(self) -> None:
+        """Renew shared leases three times per ``shared_lease_ttl_s`` until cancelled."""
+        while True:
+            await anyio.sleep(self.shared_lease_ttl_s / 3)
+            await self.renew_shared()
+
     def gauges(self) -> dict[tuple[str, ...], float]:
         return {
-            ("leases",): float(self.leases.total if self.leases else 0),
+            ("leases",): float((self.leases.total if self.leases else 0) + len(self._shared_held)),
             ("rate_buckets",): float(len(self.limiter) if self.limiter else 0),
         }

@@ -20,6 +20,7 @@ from reference_server.endpoints.common import JSONResponse, ServerState
 from reference_server.endpoints.handlers import counted, log
 from reference_server.metrics import ServerMetrics, exposition
 from reference_server.queue.front import QueueFront, register_queue_gauges
+from reference_server.queue.shared_limits import shared_limits_of
 from reference_server.queue.worker_main import run_in_process
 from reference_server.registry import ModelRegistry
 from reference_server.resume import ResumeTable
@@ -50,6 +51,9 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     if settings.queue_url is not None:
         state.queue = QueueFront.connect(settings.queue_url, settings.queue_prefix, settings.job_ttl_s)
         register_queue_gauges(metrics, state.queue)
+        # On Redis every front end takes its clients' tokens and leases from one place (see admission).
+        admission.shared = shared_limits_of(state.queue)
+        admission.shared_lease_ttl_s = settings.queue_lease_ttl_s
         stream_route = queued.stream
 
     routes = [
@@ -86,6 +90,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             tg.start_soon(sweeper.run)
             if state.queue is not None:
                 await tg.start(state.queue.run)
+                if admission.shared is not None:
+                    tg.start_soon(admission.keep_shared_leases)
                 if state.queue.in_process:  # --queue memory://: the workers are tasks of this process
                     tg.start_soon(run_in_process, settings, state.queue.streams)
             state.ready = True

@@ -119,6 +119,9 @@ class ServerSettings(BaseModel):
 
     # Slow consumers and dead peers.
     send_timeout_s: float = Field(10.0, gt=0, description="one write to a client longer than this drops the stream")
+    send_buffer_bytes: int | None = Field(
+        None, ge=4096, le=64 << 20, description="kernel send buffer per connection (SO_SNDBUF); None = autotuned"
+    )
     ws_ping_interval_s: float | None = Field(20.0, gt=0, description="WebSocket protocol pings; None = off")
     ws_ping_timeout_s: float | None = Field(20.0, gt=0, description="no pong within this: the peer is dead")
 
@@ -144,6 +147,9 @@ class ServerSettings(BaseModel):
         2000, ge=50, le=3_600_000, description="a job idle this long (its worker died or hung) is reclaimed"
     )
     queue_max_deliveries: int = Field(3, ge=1, le=100, description="deliveries before a job is dead-lettered")
+    queue_lease_ttl_s: float = Field(
+        30.0, gt=0, le=3600, description="on Redis: a stream lease its front end stopped renewing lapses after this"
+    )
 
     _source: Path | None = PrivateAttr(None)  # the settings file, re-read on SIGHUP
 

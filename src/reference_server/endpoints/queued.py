@@ -13,14 +13,15 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 
+import anyio
 import orjson
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from reference_server.admission import Lease
-from reference_server.endpoints.common import ServerState, admit, client_of, read_json, state_of
+from reference_server.admission import Lease, SharedLease
+from reference_server.endpoints.common import ServerState, client_of, read_json, state_of
 from reference_server.endpoints.streaming import SseResponse
 from reference_server.errors import Conflict, InvalidRequest, Overloaded, RequestError, UnknownModel
 from reference_server.models.tokens import count_prompt_tokens
@@ -36,7 +37,12 @@ async def stream(request: Request) -> Response:
     state = state_of(request)
     front = state.queue
     assert front is not None, "the queued route is mounted only in queue mode"
-    client = admit(request, state) or client_of(request)  # a job is resumable by its own client only
+    client = client_of(request)  # a job is resumable by its own client only
+    try:
+        await state.admission.check_rate_shared(client)
+    except Overloaded as exc:
+        state.metrics.rejections.child(exc.reason).inc()
+        raise
     body = await read_json(request, GenerateRequest, state.settings.max_body_bytes)
     if state.draining:
         state.metrics.rejections.child("draining").inc()
@@ -45,11 +51,12 @@ async def stream(request: Request) -> Response:
     last_event_id = request.headers.get("last-event-id")
     resume = _parse_event_id(last_event_id) if last_event_id is not None else None
     job_id = resume[0] if resume else body.request_id or _header_request_id(request) or secrets.token_hex(8)
-    lease = state.admission.lease(client)
+    lease: Lease | SharedLease | None = None
     try:
+        lease = await state.admission.lease_shared(client)
         if resume is not None:
             if await front.owner_of(job_id) != client:
-                state.admission.release(lease)
+                await state.admission.release_shared(lease)
                 state.metrics.resumes.child("unavailable").inc()
                 message = f"no job {job_id!r} of this client is kept (unknown, expired, or another client's)"
                 return _single_error(state, "resume_unavailable", message)
@@ -59,7 +66,7 @@ async def stream(request: Request) -> Response:
             if not await front.submit(job, client):
                 raise Conflict(f"request_id {job_id!r} names a job that is running or whose results are kept")
     except RequestError as exc:
-        state.admission.release(lease)
+        await state.admission.release_shared(lease)
         if isinstance(exc, Overloaded):
             state.metrics.rejections.child(exc.reason).inc()
         raise
@@ -178,7 +185,13 @@ def _single_error(state: ServerState, code: str, message: str) -> Response:
 class QueuedResponse(SseResponse):
     """An SSE response over a job's results; its lease and connection count are released on every path."""
 
-    def __init__(self, state: ServerState, events: AsyncIterator[bytes], lease: Lease | None, headers: dict[str, str]):
+    def __init__(
+        self,
+        state: ServerState,
+        events: AsyncIterator[bytes],
+        lease: Lease | SharedLease | None,
+        headers: dict[str, str],
+    ) -> None:
         super().__init__(events, None, headers, state.watchdog)
         self.state = state
         self.lease = lease
@@ -189,4 +202,5 @@ class QueuedResponse(SseResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.state.metrics.connection_closed("sse")
-            self.state.admission.release(self.lease)
+            with anyio.CancelScope(shield=True):  # a cancelled response still gives its lease back
+                await self.state.admission.release_shared(self.lease)

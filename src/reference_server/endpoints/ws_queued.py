@@ -41,10 +41,12 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
     request_id = msg.id
     lease = None
     try:
-        lease = state.admission.lease(session.client)
+        if state.admission.shared is not None:  # the socket's own check was this process's bucket
+            await state.admission.check_rate_shared(session.client)
+        lease = await state.admission.lease_shared(session.client)
         job_id, after_seq, model, prompt_tokens = await _open(front, session.client, msg, state)
     except RequestError as exc:
-        state.admission.release(lease)
+        await state.admission.release_shared(lease)
         session.in_flight.pop(request_id, None)
         if isinstance(exc, Overloaded):
             state.metrics.rejections.child(exc.reason).inc()
@@ -64,7 +66,8 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
     finally:
         session.queued.pop(request_id, None)
         session.in_flight.pop(request_id, None)
-        state.admission.release(lease)
+        with anyio.CancelScope(shield=True):
+            await state.admission.release_shared(lease)
 
 
 async def _open(
