@@ -53,7 +53,7 @@ Profiling
 
 Usage
     .venv/bin/python benchmarks/client_ceilings.py [--duration 10] [--repeats 3] [--src DIR] [--profile DIR]
-        [--fifo]
+        [--fifo] [--http-only]
 
     ``--fifo`` runs every target and client (and wrk) under SCHED_FIFO, so that other processes on a shared
     machine wait for them: their measurements then no longer depend on what else runs (each process is
@@ -645,6 +645,8 @@ def report(m: Measurements, idle: dict[int, float], args: argparse.Namespace) ->
     if not m.http:
         print("\nHTTP: skipped (--skip-http)")
         sections = sections[1:]
+    if not m.ceiling:
+        sections = sections[:1]
     verdicts = []
     for title, section in sections:
         text, passed = section(m)
@@ -738,12 +740,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of the client")
     parser.add_argument("--skip-http", action="store_true", help="leave out the HTTP part")
     parser.add_argument("--skip-websocket", action="store_true", help="leave out the WebSocket ceiling")
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP part (quick iterations)")
     parser.add_argument(
         "--fifo", action="store_true",
         help="run targets, wrk and clients under SCHED_FIFO (chrt -f 50): other work on a shared machine "
         "then waits for them instead of the other way round",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.http_only and args.skip_http:
+        parser.error("--http-only and --skip-http leave nothing to run")
     if args.duration < WARMUP_S + 2 or args.repeats < 1:
         parser.error(f"--duration must be at least {WARMUP_S + 2} and --repeats at least 1")
     if args.src is not None and not (args.src / "infer_bench").is_dir():
@@ -762,7 +767,9 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp)
             clients = Clients(args, workdir)
             wrk_runs, http_runs = ([], []) if args.skip_http else measure_http(args, clients, workdir)
-            ceiling, websocket, ttft, rates = measure_streams(args, clients, workdir)
+            ceiling, websocket, ttft, rates = (
+                ([], [], {}, {}) if args.http_only else measure_streams(args, clients, workdir)
+            )
     except (BenchmarkError, OSError, subprocess.TimeoutExpired) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

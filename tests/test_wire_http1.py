@@ -17,6 +17,7 @@ from infer_bench.wire.http1 import (
     ResponseEvent,
     ResponseHead,
     ResponseParser,
+    SimpleResponses,
     Upgraded,
     encode_request,
     request_with_body,
@@ -522,6 +523,156 @@ def test_arbitrary_bytes_give_events_or_protocol_error(chunks: list[bytes], head
         parser.eof()
     except ProtocolError:
         pass
+
+
+# --- the fast path: SimpleResponses ---------------------------------------------------------------------------
+
+NGINX_OK = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Tue, 24 Nov 2026 01:54:07 GMT\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 14\r\nConnection: keep-alive\r\n\r\n"
+    b'{"output":[1]}'
+)
+
+
+def full_parse_of_one(data: bytes) -> tuple[int, bool] | None:
+    """(status, keep_alive) when the full parser reads ``data`` as exactly one whole response and is then
+    between responses; None otherwise."""
+    parser = ResponseParser()
+    try:
+        events = parser.feed(data)
+    except ProtocolError:
+        return None
+    if not parser.idle or not events or type(events[0]) is not ResponseHead or type(events[-1]) is not ResponseEnd:
+        return None
+    if sum(type(event) is ResponseHead for event in events) != 1:
+        return None
+    return events[0].status, events[-1].keep_alive
+
+
+def assert_fast_path_agrees(matcher: SimpleResponses, data: bytes) -> int:
+    """The property: whatever the fast path reads, the full parser reads the same way, a kept-alive 2xx."""
+    status = matcher.match(data)
+    if status:
+        assert full_parse_of_one(data) == (status, True), data
+        assert 200 <= status < 300
+    return status
+
+
+@pytest.mark.parametrize(
+    ("response", "status"),
+    [
+        pytest.param(NGINX_OK, 200, id="nginx"),
+        pytest.param(OK_5, 200, id="minimal"),
+        pytest.param(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n", 201, id="empty-body"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH:  2 \r\nConnection: Keep-Alive\r\n\r\nhi", 200, id="cases"),
+    ],
+)
+def test_the_fast_path_reads_a_whole_simple_response(response: bytes, status: int) -> None:
+    matcher = SimpleResponses()
+    assert assert_fast_path_agrees(matcher, response) == status
+    assert assert_fast_path_agrees(matcher, response) == status  # again, from the remembered head
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(NGINX_OK[:-1], id="partial-body"),
+        pytest.param(NGINX_OK[:60], id="partial-head"),
+        pytest.param(NGINX_OK + NGINX_OK, id="pipelined"),
+        pytest.param(NGINX_OK.replace(b"keep-alive", b"close"), id="connection-close"),
+        pytest.param(NGINX_OK.replace(b"HTTP/1.1", b"HTTP/1.0"), id="http-1.0"),
+        pytest.param(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", id="204"),
+        pytest.param(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", id="error-status"),
+        pytest.param(b"HTTP/1.1 100 Continue\r\n\r\n" + OK_5, id="interim-first"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", id="chunked"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nhello", id="both"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", id="two-lengths"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello", id="signed-length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n\r\nhello", id="no-length"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 5\r\n\r\nhello", id="folded-header"),
+        pytest.param(b"HTTP/1.1 200 OK\nContent-Length: 5\n\nhello", id="bare-lf"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length : 5\r\n\r\nhello", id="space-before-colon"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, upgrade\r\n\r\nhello", id="upgrade"
+        ),
+    ],
+)
+def test_the_fast_path_leaves_anything_else_to_the_full_parser(response: bytes) -> None:
+    matcher = SimpleResponses()
+    assert matcher.match(OK_5) == 200  # a remembered head must not make a different response look simple
+    assert matcher.match(response) == 0
+
+
+statuses_2xx = st.sampled_from([200, 201, 202, 204, 206, 299])
+connection_values = st.sampled_from([b"keep-alive", b"Keep-Alive", b" keep-alive ", b"close", b"upgrade", b"x"])
+
+
+@st.composite
+def simple_responses(draw: st.DrawFn) -> bytes:
+    return draw(shaped_responses())[0]
+
+
+@st.composite
+def shaped_responses(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """One response near the common shape, with variations at the edge of what the fast path reads; and
+    whether it has the common shape (HTTP/1.1, not 204, no connection header other than keep-alive)."""
+    status = draw(statuses_2xx)
+    body = draw(st.binary(max_size=32))
+    pairs = draw(st.lists(st.tuples(tokens, header_values), max_size=4))
+    headers = [(name.encode(), value.encode()) for name, value in pairs]
+    name = draw(st.sampled_from([b"Content-Length", b"content-length", b"CONTENT-LENGTH"]))
+    length = draw(st.sampled_from([b"%d", b" %d", b"%d "])) % len(body)
+    headers.insert(draw(st.integers(0, len(headers))), (name, length))
+    connection = draw(st.none() | connection_values)
+    if connection is not None:
+        headers.append((b"Connection", connection))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
+    lines = [b"%s %d %s\r\n" % (version, status, draw(st.sampled_from([b"OK", b"", b"Fine Thanks"])))]
+    lines += [name + b":" + value + b"\r\n" for name, value in headers]
+    common = version == b"HTTP/1.1" and status != 204 and (connection or b"keep-alive").strip().lower() == b"keep-alive"
+    return b"".join([*lines, b"\r\n", body]), common
+
+
+@st.composite
+def mutated(draw: st.DrawFn, responses: st.SearchStrategy[bytes]) -> bytes:
+    """A response with a byte changed, cut short, or followed by more bytes."""
+    data = draw(responses)
+    how = draw(st.sampled_from(["byte", "cut", "extra"]))
+    if how == "cut":
+        return data[: draw(st.integers(0, len(data)))]
+    if how == "extra":
+        return data + draw(st.binary(min_size=1, max_size=8) | st.just(data))
+    at = draw(st.integers(0, max(0, len(data) - 1)))
+    return data[:at] + bytes([draw(st.integers(0, 255))]) + data[at + 1 :]
+
+
+@FAST
+@given(shaped_responses())
+def test_the_fast_path_and_the_full_parser_agree_on_simple_responses(shaped: tuple[bytes, bool]) -> None:
+    response, common = shaped
+    status = assert_fast_path_agrees(SimpleResponses(), response)
+    if common:
+        assert status == int(response[9:12])  # the common shape is never left to the slow path
+
+
+@FAST
+@given(st.lists(simple_responses() | mutated(simple_responses()) | http_noise | st.binary(max_size=64), max_size=8))
+def test_whatever_the_fast_path_reads_the_full_parser_reads_the_same(reads: list[bytes]) -> None:
+    """One matcher over many reads (its remembered head included): a status only where the full parser agrees."""
+    matcher = SimpleResponses()
+    for data in reads:
+        assert_fast_path_agrees(matcher, data)
+
+
+@FAST
+@given(response_streams(), st.data())
+def test_the_fast_path_reads_no_part_of_a_stream_it_cannot_be_sure_of(
+    stream_and_events: tuple[bytes, list[ResponseEvent]], data: st.DataObject
+) -> None:
+    stream, _ = stream_and_events
+    matcher = SimpleResponses()
+    for piece in [stream, *split_at(stream, data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))]:
+        assert_fast_path_agrees(matcher, piece)
 
 
 @pytest.mark.parametrize("body", [b"", b"{}", b'{"prompt": "x"}' * 50])

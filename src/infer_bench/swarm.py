@@ -18,7 +18,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from infer_bench.clients import Client, Target, client_maker, lanes
-from infer_bench.clients.requests import prompts
+from infer_bench.clients.http_lane import LanePlan, run_plain_vu
+from infer_bench.clients.requests import fixed_request, prompts
 from infer_bench.metrics.recorder import Recorder, TagKey, tag_key
 from infer_bench.plan import arrivals, stage_at, vus_at
 from infer_bench.scenario import (
@@ -49,6 +50,7 @@ class ClassRuntime:
     uses_prompts: bool  # plain HTTP sends a fixed body
     prompts: Iterator[str]
     rng: random.Random
+    fixed_request: bytes | None  # plain HTTP: the same bytes every time (None for the other protocols)
     # Read once per request: copied out of the spec so the hot path does not walk the model each time.
     timeout_s: float = field(init=False)
     read_delay_s: float = field(init=False)
@@ -152,6 +154,11 @@ def _wake(sleeper: asyncio.Future[None]) -> None:
         sleeper.set_result(None)
 
 
+def _plain_http(runtime: ClassRuntime) -> bool:
+    """Plain HTTP with no think time and no bursts: the same request again as soon as a response ends."""
+    return runtime.fixed_request is not None and not runtime.thinks and runtime.spec.behavior.burst_size == 1
+
+
 def _take(budget: list[int] | None) -> bool:
     """Claim one iteration from a budget (None: unlimited); False when it is spent."""
     if budget is None:
@@ -183,6 +190,7 @@ class ScenarioRun:
         self.progress = ScenarioProgress(spec.name, spec.executor.kind)
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: dict[int, list[Client]] = {}  # open model: per class, VU lanes waiting for an arrival
+        self._lane_plans: dict[int, LanePlan] = {}  # per plain class, what its callback-driven VUs share
 
     def _runtime(self, cls: UserClass, seed: int) -> ClassRuntime:
         # The scenario's own tags come first; the built-in ones (scenario, class, protocol) win a clash.
@@ -195,7 +203,8 @@ class ScenarioRun:
         prompt_rng = random.Random(f"{cls.prompts.seed}:{seed}")  # the prompts' own seed, and the run's
         new_client = client_maker(cls, self.swarm.target, self.clock)
         stream = prompts(cls.prompts, prompt_rng)
-        return ClassRuntime(cls, tag_key(**tags), new_client, lanes(cls), cls.protocol != "http", stream, rng)
+        fixed = fixed_request(cls, self.swarm.target)
+        return ClassRuntime(cls, tag_key(**tags), new_client, lanes(cls), cls.protocol != "http", stream, rng, fixed)
 
     def class_for_vu(self, index: int) -> ClassRuntime:
         """Deterministic weighted assignment by smooth weighted round-robin (nginx's): every prefix of
@@ -294,6 +303,9 @@ class ScenarioRun:
         runtime = self.class_for_vu(index)
         behavior = runtime.spec.behavior
         burst = behavior.burst_size
+        if _plain_http(runtime) and budget is None and shared is None and retire is None:
+            await self._plain_vu(runtime, deadline)  # the usual plain HTTP VU: its closed loop runs in callbacks
+            return
         # A burst is `burst` requests at once from this VU: one client each (a WebSocket VU's lanes share
         # one socket). Without bursts a lane sends one request at a time.
         shared_socket = runtime.lanes > 1
@@ -331,6 +343,26 @@ class ScenarioRun:
             await asyncio.gather(*(lane() for _ in range(runtime.lanes)))
         finally:
             client.close()
+
+    async def _plain_vu(self, runtime: ClassRuntime, deadline: int) -> None:
+        plan = self._lane_plans.get(id(runtime))
+        if plan is None:
+            assert runtime.fixed_request is not None
+            batch = self.recorder.plain_batch(runtime.key, self.measure_from_ns)
+            plan = self._lane_plans[id(runtime)] = LanePlan(
+                self.swarm.target, runtime.fixed_request, self.recorder, runtime.key, batch, self.measure_from_ns,
+                deadline, runtime.timeout_s, self.clock,
+            )  # fmt: skip
+        self.progress.in_flight += 1  # a plain VU always has a request in flight (or its connect)
+        try:
+            await run_plain_vu(plan)
+        except asyncio.CancelledError:
+            self.progress.interrupted += 1
+            now = self.clock()
+            self.recorder.started(now, now)  # the request cut short was started; the lane counts at the end
+            raise
+        finally:
+            self.progress.in_flight -= 1
 
     async def _open(self, ex: ConstantArrivalRate | RampingArrivalRate) -> None:
         """Each arrival picks its class by weight, then an idle VU of that class; ``max_vus`` bounds all.

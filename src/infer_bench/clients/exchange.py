@@ -18,7 +18,7 @@ from infer_bench.wire.http1 import ResponseHead
 from infer_bench.wire.openai import parse_openai_data
 from infer_bench.wire.sse import SSEDecoder, SSEEvent
 
-_ERROR_BODY_LIMIT = 2048
+ERROR_BODY_LIMIT = 2048
 
 
 class Exchange:
@@ -50,8 +50,7 @@ class Exchange:
 
     def on_body(self, data: bytes, now: int) -> None:
         if self.tl.status >= 400:
-            if len(self._error_body) < _ERROR_BODY_LIMIT:
-                self._error_body += data[: _ERROR_BODY_LIMIT - len(self._error_body)]
+            self._error_body = keep_error_body(self._error_body, data)
             return
         self.read(data, now)
 
@@ -108,8 +107,7 @@ class Exchange:
         return None
 
     def _error_text(self) -> str:
-        text = self._error_body.decode("utf-8", "replace").strip()
-        return f"HTTP {self.tl.status}: {text[:300]}" if text else f"HTTP {self.tl.status}"
+        return http_error_text(self.tl.status, self._error_body)
 
     def _resolve(self) -> None:
         if not self.done.done():
@@ -205,6 +203,17 @@ class OpenAIExchange(SSEExchange):
                 elif delta.finish_reason is not None:
                     self.mark_end(Outcome.COMPLETED)
         return tokens
+
+
+def keep_error_body(kept: bytes, data: bytes) -> bytes:
+    """``kept`` with as much of ``data`` as fits under the limit of an error body we keep."""
+    return kept + data[: ERROR_BODY_LIMIT - len(kept)] if len(kept) < ERROR_BODY_LIMIT else kept
+
+
+def http_error_text(status: int, body: bytes) -> str:
+    """How a failed response reads in the error sample: its status and the start of its body."""
+    text = body.decode("utf-8", "replace").strip()
+    return f"HTTP {status}: {text[:300]}" if text else f"HTTP {status}"
 
 
 def _field(data: str, name: str) -> str | None:

@@ -41,6 +41,8 @@ class Http1Connection(asyncio.Protocol):
         self._sink: ExchangeSink | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.requests = 0  # sent on this connection
+        self.answered = False  # a byte of the current request's response has arrived
         self._resume_handle: asyncio.TimerHandle | None = None
         self._resume_at = 0.0
 
@@ -50,7 +52,11 @@ class Http1Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
-        now = self._clock()
+        self.answered = True
+        self._receive(data, self._clock())
+
+    def _receive(self, data: bytes, now: int) -> None:
+        """Parse ``data``, read at ``now``, and hand its events to the sink."""
         try:
             events = self._parser.feed(data)
         except ProtocolError as exc:
@@ -83,7 +89,15 @@ class Http1Connection(asyncio.Protocol):
         assert self.transport is not None, "send before the connection was made"
         assert self._sink is None, "one request at a time"
         self._sink = sink
+        self.requests += 1
+        self.answered = False
         self.transport.write(request)
+
+    @property
+    def closed_unanswered(self) -> bool:
+        """A reused connection closed before a byte of the response came: the server closed it as idle
+        while the request was on its way (the keep-alive race), so it never read the request."""
+        return self.closed and self.requests > 1 and not self.answered
 
     def abort(self) -> None:
         """Drop the connection now (cancel, timeout, protocol error); the sink hears nothing more."""

@@ -73,6 +73,13 @@ class RequestFactory:
     build: Callable[[str], bytes]  # prompt → request bytes
 
 
+def fixed_request(user_class: UserClass, target: Target) -> bytes | None:
+    """The bytes every request of a plain HTTP class sends (its template has no prompt); None otherwise."""
+    if user_class.protocol != "http":
+        return None
+    return request_factory(user_class, target).build("")
+
+
 def request_factory(user_class: UserClass, target: Target) -> RequestFactory:
     req: Any = user_class.request
     host = target.host_header

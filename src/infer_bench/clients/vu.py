@@ -56,6 +56,23 @@ class HttpClient:
     async def _exchange_once(
         self, tl: Timeline, payload: bytes, deadline: int, cancel_after_tokens: int | None, read_delay_s: float
     ) -> Exchange | None:
+        sent = await self._send_once(tl, payload, deadline, cancel_after_tokens, read_delay_s)
+        if sent is None:
+            return None
+        exchange, unanswered = sent
+        if unanswered and tl.outcome is Outcome.DISCONNECTED:
+            # Closed as idle by the server just as the request left (its keep-alive timeout; uvicorn's is
+            # 5 s, so think times near it meet this): the server never read it. Send it again, once, on a
+            # new connection, as browsers and Go's HTTP client do.
+            tl.resend()
+            sent = await self._send_once(tl, payload, deadline, cancel_after_tokens, read_delay_s)
+            return None if sent is None else sent[0]
+        return exchange
+
+    async def _send_once(
+        self, tl: Timeline, payload: bytes, deadline: int, cancel_after_tokens: int | None, read_delay_s: float
+    ) -> tuple[Exchange, bool] | None:
+        """One attempt: the exchange, and whether its reused connection closed before any answer."""
         clock = self._clock
         left_s = max(0.0, (deadline - clock()) / 1e9)
         conn = self._conn
@@ -64,7 +81,7 @@ class HttpClient:
                 target, timeout = self._target, min(left_s, CONNECT_TIMEOUT_S)
                 conn = self._conn = await connect(target.host, target.port, timeout, clock, target.tls)
             except (OSError, TimeoutError) as exc:
-                tl.finish(Outcome.CONNECT_ERROR, clock(), _describe(exc, self._target))
+                tl.finish(Outcome.CONNECT_ERROR, clock(), describe_connect_error(exc, self._target))
                 return None
         exchange = self._factory.exchange(tl, conn, cancel_after_tokens=cancel_after_tokens, read_delay_s=read_delay_s)
         timer = asyncio.get_running_loop().call_later(
@@ -82,7 +99,7 @@ class HttpClient:
             timer.cancel()
         if not exchange.keep_alive:
             self._conn = None
-        return exchange
+        return exchange, conn.closed_unanswered
 
     def close(self) -> None:
         if self._conn is not None:
@@ -106,7 +123,7 @@ def _with_header(request: bytes, name: str, value: str) -> bytes:
     return b"\r\n".join(lines) + sep + body
 
 
-def _describe(exc: BaseException, target: Target) -> str:
+def describe_connect_error(exc: BaseException, target: Target) -> str:
     if isinstance(exc, TimeoutError):
         return f"connect to {target.host_header} timed out"
     return f"connect to {target.host_header}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)

@@ -20,6 +20,7 @@ a client may ignore them); the final response follows them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeAlias
@@ -35,6 +36,7 @@ __all__ = [
     "ResponseEvent",
     "ResponseHead",
     "ResponseParser",
+    "SimpleResponses",
     "Upgraded",
     "encode_request",
     "request_with_body",
@@ -138,6 +140,13 @@ class ResponseParser:
         self._finished: str | None = None  # why no more bytes may come, once none may
         self._error: ProtocolError | None = None
         self._bytes_seen = 0
+
+    @property
+    def idle(self) -> bool:
+        """Between responses: nothing buffered or half-parsed, so the next byte starts a new response."""
+        return not (self._message_open or self._head_buffer or self._head_mode or self._upgraded) and (
+            self._finished is None and self._error is None
+        )
 
     def expect_head_response(self) -> None:
         """Say that the next response answers a HEAD request, so it has no body whatever its headers say.
@@ -352,6 +361,69 @@ class _Callbacks:
         self.on_headers_complete = parser._on_headers_complete
         self.on_body = parser._body.append  # a C call per HTTP chunk, not a Python frame (64 a stream, often)
         self.on_message_complete = parser._on_message_complete
+
+
+# A response head the fast path may read on its own: HTTP/1.1, a 2xx status, header lines of token names and
+# printable values. Stricter than llhttp on purpose: whatever it refuses goes to the full parser.
+_SIMPLE_HEAD: Final = re.compile(
+    rb"HTTP/1\.1 2[0-9][0-9] [\t\x20-\x7e]*\r\n(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*\r\n"
+)
+
+
+class SimpleResponses:
+    """A fast path for the common response: one read holding exactly one whole HTTP/1.1 2xx response whose
+    body has a ``content-length`` and whose connection stays open.
+
+    ``match(data)`` returns its status, or 0 when it cannot be certain (chunked, partial, pipelined, close,
+    1xx/204, odd framing or bytes), and then the caller must use ``ResponseParser``. Use it only while that
+    parser is ``idle``. A server sends the same head again and again (nginx's changes with its ``Date``
+    once a second), so the last validated head is remembered and a repeat costs one prefix comparison.
+    """
+
+    __slots__ = ("_head", "_status", "_total")
+
+    def __init__(self) -> None:
+        self._head = b"\0"  # no response starts with NUL
+        self._total = -1
+        self._status = 0
+
+    def match(self, data: bytes) -> int:
+        if len(data) == self._total and data.startswith(self._head):
+            return self._status
+        return self._learn(data)
+
+    def _learn(self, data: bytes) -> int:
+        end = data.find(_HEAD_END)
+        if end < 0:
+            return 0
+        head = data[: end + 4]
+        if _SIMPLE_HEAD.fullmatch(head) is None:
+            return 0
+        status = int(head[9:12])
+        length = _simple_length(head.lower())
+        if status == 204 or length < 0 or len(data) != len(head) + length:
+            return 0
+        self._head, self._total, self._status = head, len(data), status
+        return status
+
+
+def _simple_length(head: bytes) -> int:
+    """The one content-length of a lower-cased head with no transfer-encoding and no connection header
+    other than keep-alive; -1 otherwise."""
+    if b"\r\ntransfer-encoding:" in head:
+        return -1
+    at = head.find(b"\r\nconnection:")
+    if at >= 0:
+        if head.find(b"\r\nconnection:", at + 1) >= 0:
+            return -1
+        value = head[at + 13 : head.index(_CRLF, at + 2)]
+        if value.strip(b" \t") != b"keep-alive":
+            return -1
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0 or head.find(b"\r\ncontent-length:", at + 1) >= 0:
+        return -1
+    value = head[at + 17 : head.index(_CRLF, at + 2)].strip(b" \t")
+    return int(value) if value.isdigit() and len(value) < 16 else -1
 
 
 def encode_request(
