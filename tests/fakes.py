@@ -45,6 +45,7 @@ RESPONSES: dict[bytes, tuple[bytes, str]] = {
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    served = 0  # requests answered on this connection
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -55,6 +56,11 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             if length:
                 await reader.readexactly(length)
             path = head.split(b" ", 2)[1]
+            if path == b"/close-unanswered" or (path == b"/idle-close" and served):
+                break  # as a server whose keep-alive timeout fires just as the request arrives
+            served += 1
+            if path == b"/idle-close":
+                path = b"/ok"  # the first request on each connection is answered
             if path == b"/resumable":
                 resumed = b"last-event-id:" in head.lower()
                 writer.write(SSE_HEAD + (RESUMED_TAIL if resumed else RESUMABLE_START))

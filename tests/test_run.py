@@ -157,6 +157,29 @@ scenarios:
     assert result["errors"]
 
 
+def test_a_request_on_a_connection_the_server_closed_as_idle_goes_again_on_a_new_one(tmp_path: Path) -> None:
+    """The keep-alive race: the server closes an idle connection just as a request is sent on it. The
+    server never read it, so it is sent again on a new connection, and counted once, as it ended."""
+    with broken_server() as url:
+        result = run_text(f"""
+target: {url}
+scenarios:
+  idle: {{executor: per-vu-iterations, iterations: 3, protocol: sse, request: {{path: /idle-close}}}}
+""", tmp_path)  # fmt: skip
+    assert result["total"]["outcomes"] == {"completed": 3}
+    assert result["headline"]["requests"] == 3
+
+
+def test_a_fresh_connection_closed_before_any_answer_is_a_disconnect_not_a_retry(tmp_path: Path) -> None:
+    with broken_server() as url:
+        result = run_text(f"""
+target: {url}
+scenarios:
+  closed: {{executor: per-vu-iterations, iterations: 2, protocol: sse, request: {{path: /close-unanswered}}}}
+""", tmp_path)  # fmt: skip
+    assert result["total"]["outcomes"] == {"disconnected": 2}
+
+
 def test_open_loop_counts_arrivals_it_could_not_send_as_dropped(fixed_server: str, tmp_path: Path) -> None:
     """One VU, 20 ms per token × 10 tokens, 50 arrivals/s: most arrivals find the VU busy."""
     result = run_text(f"""

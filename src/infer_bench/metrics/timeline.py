@@ -86,6 +86,12 @@ class Timeline:
             self.end_ns = now
             self.error = error
 
+    def resend(self) -> None:
+        """The request goes again on a new connection: its first never reached the server."""
+        self.outcome = None
+        self.error = None
+        self.end_ns = 0
+
     def reopen(self) -> None:
         """The client reconnects to resume the stream: the request is not over after all."""
         self.outcome = None
