@@ -190,3 +190,20 @@ def test_a_websocket_that_stops_reading_is_closed_and_counted(start_server: Star
         sock.close()
     assert metrics.sequences.child("slow_consumer").value == 1
     wait_until(lambda: metrics.active_connections.get(("websocket",)) == 0, BOUND_S)
+
+
+def test_send_buffer_bytes_fixes_the_kernel_buffer_of_every_accepted_connection(start_server: StartServer) -> None:
+    """Autotuned, one slow reader's kernel send buffer grows to ``tcp_wmem``'s maximum (megabytes) before
+    the server's own stream buffer sees it fall behind; fixed, it holds what the setting says."""
+    server = start_server(send_buffer_bytes=65536)
+    sock, host = _small_window_socket(server)
+    try:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        sock.settimeout(BOUND_S)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        connections = server._server.server_state.connections
+        (accepted,) = [c.transport.get_extra_info("socket") for c in connections]
+        # Linux doubles what was asked, for its bookkeeping (socket(7)).
+        assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536
+    finally:
+        sock.close()

@@ -220,8 +220,12 @@ def _state_of(app: object) -> ServerState | None:
 _QUIET_DROPS = _QuietDrops()
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, send_buffer_bytes: int | None = None) -> socket.socket:
     """A listening socket, bound here so that a taken port is our error to report, not uvicorn's exit.
+
+    ``send_buffer_bytes`` fixes the kernel send buffer of every connection it accepts (Linux copies it
+    from the listening socket). Left to autotuning, one slow reader can park up to ``tcp_wmem``'s maximum
+    (4 MB here) in the kernel before the server's own stream buffer notices it is behind.
 
     Raises:
         OSError: the address cannot be bound (in use, not local, no permission).
@@ -230,6 +234,8 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer_bytes is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
         sock.bind((host.strip("[]"), port))
         sock.listen(2048)
     except OSError:
@@ -246,7 +252,7 @@ def run(settings: ServerSettings, announce: Announce | None = None) -> None:
         OSError: the address cannot be bound.
     """
     config = uvicorn_config(settings)
-    sock = bind(settings.host, settings.port)
+    sock = bind(settings.host, settings.port, send_buffer_bytes=settings.send_buffer_bytes)
     tune_gc()
     if settings.workers > 1:
         host, port = sock.getsockname()[:2]
@@ -268,8 +274,11 @@ class EmbeddedServer:
         self.settings = (settings or ServerSettings()).model_copy(update={"port": 0, "workers": 1})
         self.app = create_app(self.settings)
         self._server = ReferenceServer(uvicorn_config(self.settings, self.app))
+        self._socket = bind(self.settings.host, 0, send_buffer_bytes=self.settings.send_buffer_bytes)
         # uvicorn installs no signal handlers off the main thread, so the caller's Ctrl-C stays its own.
-        self._thread = threading.Thread(target=self._server.run, name="reference-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="reference-server", daemon=True
+        )
         self._startup_timeout_s = startup_timeout_s
         self.url = ""
 
@@ -293,6 +302,7 @@ class EmbeddedServer:
         """Shut down as on SIGTERM: refuse new work, let streams finish within the grace period."""
         self._server.handle_exit(signal.SIGTERM, None)
         self._thread.join(timeout=self.settings.graceful_shutdown_s + 5)
+        self._socket.close()
 
     def __enter__(self) -> EmbeddedServer:
         return self.start()
