@@ -15,10 +15,13 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
 
 from infer_bench.clients.http_lane import LanePlan, run_plain_vu
 from infer_bench.clients.requests import Target
-from infer_bench.metrics.recorder import PLAIN_FOLD_EVERY, MetricSet, Recorder, tag_key
+from infer_bench.metrics.recorder import PLAIN_FOLD_EVERY, MetricSet, Recorder, new_histogram, record_many, tag_key
+from infer_bench.metrics.timeline import GapBuffer, Outcome, Timeline
 from infer_bench.runner import reference_server, run_scenario
 from infer_bench.scenario import parse_scenario
 from infer_bench.wire.http1 import encode_request
@@ -232,6 +235,36 @@ def test_a_batch_folds_on_its_own_once_full() -> None:
     assert 1995 <= p50 <= 2005  # 2 ms, in µs at 3 significant digits
 
 
+@given(st.lists(st.integers(-5, 2047) | st.sampled_from([0, 1, 2047])))
+def test_bulk_recording_of_first_bucket_values_equals_hdrh_record_value(values: list[int]) -> None:
+    one_by_one, bulk = new_histogram(), new_histogram()
+    for value in values:
+        one_by_one.record_value(max(value, 1))
+    record_many(bulk, values)
+    assert bulk.encode() == one_by_one.encode()
+    assert (bulk.get_min_value(), bulk.get_max_value()) == (one_by_one.get_min_value(), one_by_one.get_max_value())
+
+
+spans = st.integers(0, 5_000_000) | st.integers(0, 2_000_000_000)
+
+
+@given(st.lists(st.tuples(st.integers(1, 10**12), spans, st.sampled_from([200, 200, 201])), min_size=1))
+def test_a_batch_records_what_timelines_of_the_same_requests_record(requests: list[tuple[int, int, int]]) -> None:
+    """``add_plain`` is ``add`` for a request sent when intended whose head and end came in one read."""
+    by_timeline, in_bulk = MetricSet(), MetricSet()
+    for sent, span, status in requests:
+        tl = Timeline(sent, GapBuffer())
+        tl.sent_ns, tl.headers_ns, tl.status = sent, sent + span, status
+        tl.finish(Outcome.COMPLETED, sent + span)
+        by_timeline.add(tl)
+    in_bulk.add_plain([r[0] for r in requests], [r[0] + r[1] for r in requests], [r[2] for r in requests])
+    by_timeline.flush()
+    assert in_bulk.outcomes == by_timeline.outcomes
+    assert in_bulk.statuses == by_timeline.statuses
+    for name, hist in by_timeline.histograms.items():
+        assert in_bulk.histograms[name].encode() == hist.encode(), name
+
+
 def test_a_plain_constant_vus_run_agrees_with_itself(tmp_path: Path) -> None:
     """End to end through the swarm: warmup left out, every figure of the result consistent."""
     with reference_server({}) as url:
@@ -298,3 +331,34 @@ scenarios:
     assert result["total"]["summary"]["e2e"]["count"] == n  # the lanes' buffers were folded before the end
     assert result["headline"]["interrupted"] == 3  # each VU's request in flight
     assert "Traceback" not in stderr
+
+
+def test_plain_vus_run_over_tls(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    from fakes import broken_server
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with broken_server(tls=context) as url:
+        scenario = parse_scenario(
+            f"""
+target: {url}
+scenarios:
+  tls: {{executor: constant-vus, vus: 2, duration: 300ms, protocol: http, request: {{path: /server-error}}}}
+""",
+            source="tls.yaml",
+        )
+        result, code = run_scenario(scenario, out=tmp_path / "r.json", verify_tls=False)
+    assert code == 0
+    n = result["headline"]["requests"]
+    assert n > 0
+    assert result["total"]["outcomes"] == {"http_error": n}
+    assert result["errors"][0]["error"] == "HTTP 500: no"

@@ -88,6 +88,8 @@ def _bucket_counts(values: list[int]) -> BucketCounts:
     if low < 1 or high > HIGHEST_US:
         values = [min(max(v, 1), HIGHEST_US) for v in values]
         low, high = min(max(low, 1), HIGHEST_US), min(max(high, 1), HIGHEST_US)
+    if high < 2048:  # the first bucket: a value's index is the value itself
+        return Counter(values), len(values), low, high
     counted = Counter([((b := (v | 2047).bit_length() - 11) + 1 << 10) + (v >> b) - 1024 for v in values])
     return counted, len(values), low, high
 
@@ -175,7 +177,10 @@ class MetricSet:
         value, so its histogram counts are computed once and added to the three histograms."""
         n = len(ends)
         self.outcomes[Outcome.COMPLETED.value] += n
-        self.statuses.update(statuses)
+        if statuses.count(statuses[0]) == n:  # the usual case: one status for all (a C loop, not a Counter's)
+            self.statuses[statuses[0]] += n
+        else:
+            self.statuses.update(statuses)
         hists = self.histograms
         for name in ("schedule_lag", "output_tokens"):  # zero lag, zero tokens: the histograms' floor, 1
             hists[name].record_value(1, n)
