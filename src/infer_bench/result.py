@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,11 +185,14 @@ def build_result(
     }
 
 
+MIN_FREE_BYTES = 16 << 20  # a long run's result, per-second histograms included, takes a few MB
+
+
 def check_writable(path: Path) -> None:
     """Fail before the run, not after it, when the result cannot be written.
 
     Raises:
-        UsageError: the directory is missing or not writable.
+        UsageError: the directory is missing or not writable, or its filesystem is (nearly) full.
     """
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
@@ -196,15 +200,42 @@ def check_writable(path: Path) -> None:
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".infer-bench-", delete=True):
             pass
+        free = shutil.disk_usage(directory).free
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot write in {directory} ({exc.strerror})") from None
+    if free < MIN_FREE_BYTES:
+        raise UsageError(
+            f"--out {path}: only {free >> 10} KB free where it goes; a result needs up to "
+            f"{MIN_FREE_BYTES >> 20} MB: free some space or write elsewhere"
+        )
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated result behind."""
+    """Write atomically: a crash mid-write never leaves a truncated result behind.
+
+    Raises:
+        UsageError: ``path`` could not be written (the disk filled up during the run, say); the result
+            was then written to the temporary directory instead, and the message says where.
+    """
+    text = json.dumps(result, indent=1)
+    try:
+        _write_atomically(path, text)
+    except OSError as exc:
+        kept = Path(tempfile.gettempdir()) / f"infer-bench-{os.getpid()}-{path.name}"
+        try:
+            _write_atomically(kept, text)
+        except OSError:
+            raise UsageError(f"cannot write the result to {path} ({exc.strerror}), nor to {kept}") from None
+        raise UsageError(f"cannot write the result to {path} ({exc.strerror}); it was kept in {kept}") from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a half-written temporary, when the write failed
 
 
 def load_result(path: Path) -> dict[str, Any]:
