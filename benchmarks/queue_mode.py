@@ -19,9 +19,13 @@ How to read the output
                     each token
     jobs/s          completed streams a second in the throughput phase (all must end with ``done``)
 
+    connections ``--connections N``: only this. A queue front end with no worker, N streams held open
+                (their jobs wait), then the front end's TCP connections to Redis are counted
+                (/proc, Linux): what N concurrent streams cost Redis in connections.
+
 Usage
     .venv/bin/python benchmarks/queue_mode.py [--seconds 5] [--clients 32] [--tokens 64] [--workers 1]
-                                              [--redis redis://127.0.0.1:6379/0]
+                                              [--redis redis://127.0.0.1:6379/0] [--connections N]
 """
 
 from __future__ import annotations
@@ -147,6 +151,66 @@ def processes(commands: list[list[str]]) -> Iterator[list[str]]:
                 p.stdout.close()
 
 
+def redis_connections(pid: int, redis_port: int) -> int:
+    """The process's established TCP connections to ``redis_port`` (Linux /proc; IPv4 loopback)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        remote_port = int(cols[2].split(":")[1], 16)
+        if remote_port == redis_port and cols[3] == "01" and cols[9] in inodes:  # 01: ESTABLISHED
+            count += 1
+    return count
+
+
+async def hold_streams(host: str, port: int, n: int, redis_port: int, pid: int) -> int:
+    """Open ``n`` streams whose jobs wait (no worker), count the front end's Redis connections, hang up."""
+    body = json.dumps({"prompt": "held", "max_tokens": 4}).encode()
+    head = (
+        f"POST /v1/stream HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writers = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(head + body)
+        assert b"retry:" in await asyncio.wait_for(reader.readuntil(b"retry:"), 10)
+        writers.append(writer)
+    await asyncio.sleep(2.0)  # every stream's reader has sent its XREAD at least twice
+    count = redis_connections(pid, redis_port)
+    for writer in writers:
+        writer.close()
+    return count
+
+
+def measure_connections(args: argparse.Namespace, cli: list[str], prefix: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "server.yaml"
+        config.write_text(f"queue_prefix: {prefix}\n")
+        serve = [*cli, "serve", "--config", str(config), "--port", "0", "--queue", args.redis]
+        proc = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip().rsplit(" ", 1)[1]
+            host, port = url.removeprefix("http://").split(":")
+            redis_port = int(args.redis.rsplit(":", 1)[1].split("/")[0])
+            idle = redis_connections(proc.pid, redis_port)
+            held = asyncio.run(hold_streams(host, int(port), args.connections, redis_port, proc.pid))
+            print(f"front end's Redis connections: {idle} idle, {held} with {args.connections} open streams")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -154,10 +218,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--connections", type=int, default=0, help="only count Redis connections for N streams")
     args = parser.parse_args()
     cli = [sys.executable, "-m", "infer_bench.cli"]
     prefix = f"inferbench-bench-{uuid.uuid4().hex[:8]}"
     try:
+        if args.connections:
+            measure_connections(args, cli, prefix)
+            return
         with tempfile.TemporaryDirectory() as tmp:
             for label, model in MODELS.items():
                 config = Path(tmp) / "server.yaml"

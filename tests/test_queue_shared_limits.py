@@ -51,11 +51,13 @@ def prefix(redis_url: str) -> Iterator[str]:
         client.delete(*keys)
 
 
+def front_end(redis_url: str, prefix: str, **limits: Any) -> EmbeddedServer:
+    settings = {"queue_url": redis_url, "queue_prefix": prefix, "graceful_shutdown_s": 1, **limits}
+    return EmbeddedServer(ServerSettings.model_validate(settings))
+
+
 def front_ends(redis_url: str, prefix: str, **limits: Any) -> tuple[EmbeddedServer, EmbeddedServer]:
-    settings = ServerSettings.model_validate(
-        {"queue_url": redis_url, "queue_prefix": prefix, "graceful_shutdown_s": 1, **limits}
-    )
-    return EmbeddedServer(settings), EmbeddedServer(settings)
+    return front_end(redis_url, prefix, **limits), front_end(redis_url, prefix, **limits)
 
 
 def test_a_client_at_its_stream_limit_on_one_front_end_is_refused_on_the_other(redis_url: str, prefix: str) -> None:
@@ -114,7 +116,7 @@ def _closed_port() -> int:
 
 def test_limits_with_redis_unreachable_are_a_clear_503(prefix: str) -> None:
     url = f"redis://127.0.0.1:{_closed_port()}/0"
-    a, _ = front_ends(url, prefix, max_streams_per_client=2, rate_limit_per_s=5)
+    a = front_end(url, prefix, max_streams_per_client=2, rate_limit_per_s=5)
     with a, httpx.Client(timeout=10, trust_env=False) as http:
         down = http.post(a.url + "/v1/stream", json=BODY, headers=CLIENT)
         assert down.status_code == 503

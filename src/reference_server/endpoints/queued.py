@@ -119,37 +119,38 @@ async def _events(
     heartbeat_reads = max(1, int(settings.heartbeat_s * 1000 / READ_BLOCK_MS))
     # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
     max_silent_reads = int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)
-    while silent_reads < max_silent_reads:
-        if front.stopping:
-            message = f"the server is shutting down; resume with Last-Event-ID: {prefix}{last}"
-            yield error_event("shutdown", message)
-            return
-        try:
-            got = await front.read(job_id, last)
-        except (RedisError, OSError) as exc:
-            state.metrics.rejections.child("queue_unavailable").inc()
-            message = f"the job queue is unreachable ({exc}); resume with Last-Event-ID: {prefix}{last}"
-            yield error_event("queue_unavailable", message)
-            return
-        if not got:
-            silent_reads += 1
-            if silent_reads % heartbeat_reads == 0:
-                pings.inc()
-                yield PING
-            continue
-        silent_reads = 0
-        out = bytearray()
-        for stream_id, chunk in got:
-            last = stream_id
-            if not chunk.final:
-                data = orjson.dumps({"token": chunk.data, "seq": chunk.seq})
-                out += sse_event(data, event="token", event_id=prefix + stream_id)
+    async with front.follow(job_id, after) as feed:
+        while silent_reads < max_silent_reads:
+            if front.stopping:
+                message = f"the server is shutting down; resume with Last-Event-ID: {prefix}{last}"
+                yield error_event("shutdown", message)
+                return
+            try:
+                got = await feed.next()
+            except (RedisError, OSError) as exc:
+                state.metrics.rejections.child("queue_unavailable").inc()
+                message = f"the job queue is unreachable ({exc}); resume with Last-Event-ID: {prefix}{last}"
+                yield error_event("queue_unavailable", message)
+                return
+            if not got:
+                silent_reads += 1
+                if silent_reads % heartbeat_reads == 0:
+                    pings.inc()
+                    yield PING
                 continue
-            end = end_payload_of(chunk, model, prompt_tokens)
-            out += sse_event(orjson.dumps(end), event="done" if chunk.kind == "done" else "error")
+            silent_reads = 0
+            out = bytearray()
+            for stream_id, chunk in got:
+                last = stream_id
+                if not chunk.final:
+                    data = orjson.dumps({"token": chunk.data, "seq": chunk.seq})
+                    out += sse_event(data, event="token", event_id=prefix + stream_id)
+                    continue
+                end = end_payload_of(chunk, model, prompt_tokens)
+                out += sse_event(orjson.dumps(end), event="done" if chunk.kind == "done" else "error")
+                yield bytes(out)
+                return
             yield bytes(out)
-            return
-        yield bytes(out)
     yield error_event("timeout", f"no result for job {job_id!r} within its time limit")
 
 

@@ -95,28 +95,28 @@ async def _open(
 async def _pump(
     session: _Session, front: QueueFront, request_id: str, job_id: str, after_seq: int, model: str, prompt_tokens: int
 ) -> None:
-    last = "0-0"
     # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
-    for _ in range(int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
-        if front.stopping:
-            await _end(session, request_id, "shutdown", "the server is shutting down; resume on another front end")
-            return
-        try:
-            got = await front.read(job_id, last)
-        except (RedisError, OSError) as exc:
-            await _end(session, request_id, "queue_unavailable", f"the job queue is unreachable ({exc}); resume later")
-            return
-        for stream_id, chunk in got:
-            last = stream_id
-            if not chunk.final:
-                if chunk.seq > after_seq and not await session.send(
-                    {"type": "token", "id": request_id, "seq": chunk.seq, "token": chunk.data}
-                ):
-                    return  # the peer is gone
-                continue
-            kind = "done" if chunk.kind == "done" else "error"
-            await session.send({"type": kind, "id": request_id, **end_payload_of(chunk, model, prompt_tokens)})
-            return
+    async with front.follow(job_id, "0-0") as feed:
+        for _ in range(int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
+            if front.stopping:
+                await _end(session, request_id, "shutdown", "the server is shutting down; resume on another front end")
+                return
+            try:
+                got = await feed.next()
+            except (RedisError, OSError) as exc:
+                message = f"the job queue is unreachable ({exc}); resume later"
+                await _end(session, request_id, "queue_unavailable", message)
+                return
+            for _, chunk in got:
+                if not chunk.final:
+                    if chunk.seq > after_seq and not await session.send(
+                        {"type": "token", "id": request_id, "seq": chunk.seq, "token": chunk.data}
+                    ):
+                        return  # the peer is gone
+                    continue
+                kind = "done" if chunk.kind == "done" else "error"
+                await session.send({"type": kind, "id": request_id, **end_payload_of(chunk, model, prompt_tokens)})
+                return
     await _end(session, request_id, "timeout", f"no result for {request_id!r} within its time limit")
 
 

@@ -15,8 +15,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -27,6 +28,7 @@ from reference_server.metrics import ServerMetrics
 from reference_server.queue.backend import JobQueue
 from reference_server.queue.jobs import Chunk, Job
 from reference_server.queue.memory import MemoryQueue
+from reference_server.queue.reader import Follower, ResultReader
 from reference_server.queue.redis_streams import RESULT_TTL_S, RedisStreams, connect
 
 log = logging.getLogger("reference_server.queue")
@@ -55,11 +57,15 @@ class QueueFront:
     reachable: bool = True
     stopping: bool = False  # set at the end of the shutdown grace period: streams end in-band
 
+    reader: ResultReader | None = None  # on Redis: the one reader of every stream this front end follows
+
     @classmethod
     def connect(cls, url: str, prefix: str, job_ttl_s: float) -> QueueFront:
         """On Redis at ``url``, or on an in-process queue for ``memory://`` (see ``queue.memory``)."""
-        streams: JobQueue = MemoryQueue(prefix) if url.startswith("memory://") else RedisStreams(connect(url), prefix)
-        return cls(streams, url, job_ttl_s)
+        if url.startswith("memory://"):
+            return cls(MemoryQueue(prefix), url, job_ttl_s)
+        streams = RedisStreams(connect(url), prefix)
+        return cls(streams, url, job_ttl_s, reader=ResultReader(streams, url, READ_BLOCK_MS))
 
     @property
     def in_process(self) -> bool:
@@ -113,9 +119,29 @@ class QueueFront:
         """Result chunks after stream id ``after`` (waits up to ``READ_BLOCK_MS``); RedisError passes up."""
         return await self.streams.read_after(job_id, after, READ_BLOCK_MS)
 
+    @contextlib.asynccontextmanager
+    async def follow(self, job_id: str, after: str) -> AsyncIterator[Feed]:
+        """A feed of ``job_id``'s result chunks after stream id ``after``: through the shared reader on
+        Redis, by direct reads on the in-process queue (they cost no connection there)."""
+        if self.reader is None:
+            yield _DirectFeed(self, job_id, after)
+            return
+        follower = await self.reader.follow(job_id, after)
+        try:
+            yield _SharedFeed(follower)
+        finally:
+            self.reader.unfollow(follower)
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Every ``sweep_interval_s``: end expired jobs, refresh the figures. Outlives Redis outages."""
-        task_status.started()
+        """Every ``sweep_interval_s``: end expired jobs, refresh the figures; and the shared reader.
+        Outlives Redis outages."""
+        async with anyio.create_task_group() as tg:
+            if self.reader is not None:
+                await tg.start(self.reader.run)
+            task_status.started()
+            await self._sweep()
+
+    async def _sweep(self) -> None:
         while True:
             try:
                 now = self.clock()
@@ -137,7 +163,40 @@ class QueueFront:
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
+            if self.reader is not None:
+                await self.reader.close()
             await self.streams.close()
+
+
+class Feed(Protocol):
+    async def next(self) -> list[tuple[str, Chunk]]:
+        """The next chunks, [] after ``READ_BLOCK_MS`` without any.
+
+        Raises:
+            RedisError, OSError: Redis cannot be reached.
+        """
+        ...
+
+
+@dataclass
+class _DirectFeed:
+    front: QueueFront
+    job_id: str
+    last: str
+
+    async def next(self) -> list[tuple[str, Chunk]]:
+        got = await self.front.read(self.job_id, self.last)
+        if got:
+            self.last = got[-1][0]
+        return got
+
+
+@dataclass
+class _SharedFeed:
+    follower: Follower
+
+    async def next(self) -> list[tuple[str, Chunk]]:
+        return await self.follower.next(READ_BLOCK_MS / 1000)
 
 
 def register_queue_gauges(metrics: ServerMetrics, front: QueueFront) -> None:
