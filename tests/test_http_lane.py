@@ -198,6 +198,29 @@ def test_every_failure_has_its_outcome_and_its_error(respond: Respond, outcome: 
         assert sum(s.failed for s in recorder.series) == recorder.sets[KEY].requests
 
 
+def test_a_peer_that_hangs_up_at_once_gives_disconnects_not_silence() -> None:
+    async def main() -> Recorder:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        start = time.perf_counter_ns()
+        recorder = Recorder(start)
+        host = f"127.0.0.1:{port}"
+        plan = LanePlan(
+            Target("127.0.0.1", port, host), encode_request("GET", host, "/", {}, None), recorder, KEY,
+            recorder.plain_batch(KEY, start), start, start + 200_000_000, 5.0,
+        )  # fmt: skip
+        await run_plain_vu(plan)
+        server.close()
+        recorder.flush()
+        return recorder
+
+    recorder = run(main())
+    assert_consistent(recorder, "disconnected")
+
+
 def test_a_stalled_response_times_out_and_the_lane_reconnects() -> None:
     recorder, connections = lane_run(answer(then="stall"), duration_s=0.2, timeout_s=0.05)
     metrics = assert_consistent(recorder, "timed_out")

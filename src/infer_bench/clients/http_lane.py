@@ -97,6 +97,10 @@ class PlainLane(Http1Connection):
     def start(self, intended: int) -> None:
         """Send the first request, intended at ``intended`` (before the connect), and arm the timeout."""
         self._intended = intended
+        if self.closed:  # the peer hung up between the connect and this first request
+            self._sent = self._clock()
+            self._finish(Outcome.DISCONNECTED, self._sent, "the connection closed before the response ended")
+            return
         self._send()
         left_s = (intended + self._timeout_ns - self._clock()) / NS
         self._timer = asyncio.get_running_loop().call_later(max(left_s, 0.0), self._check_timeout)
