@@ -54,6 +54,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         # On Redis every front end takes its clients' tokens and leases from one place (see admission).
         admission.shared = shared_limits_of(state.queue)
         admission.shared_lease_ttl_s = settings.queue_lease_ttl_s
+        state.queue.progress_every = settings.queue_progress_every
         stream_route = queued.stream
 
     routes = [

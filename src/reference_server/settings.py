@@ -150,6 +150,9 @@ class ServerSettings(BaseModel):
     queue_lease_ttl_s: float = Field(
         30.0, gt=0, le=3600, description="on Redis: a stream lease its front end stopped renewing lapses after this"
     )
+    queue_progress_every: int | None = Field(
+        None, ge=1, description="jobs publish a progress event every N tokens, a log at start, complete at end"
+    )
 
     _source: Path | None = PrivateAttr(None)  # the settings file, re-read on SIGHUP
 

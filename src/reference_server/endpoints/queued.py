@@ -142,9 +142,13 @@ async def _events(
             out = bytearray()
             for stream_id, chunk in got:
                 last = stream_id
-                if not chunk.final:
+                if chunk.kind == "token":
                     data = orjson.dumps({"token": chunk.data, "seq": chunk.seq})
                     out += sse_event(data, event="token", event_id=prefix + stream_id)
+                    continue
+                if not chunk.final:  # progress, log, complete: numbered and resumable like tokens
+                    data = orjson.dumps(event_payload_of(chunk))
+                    out += sse_event(data, event=chunk.kind, event_id=prefix + stream_id)
                     continue
                 end = end_payload_of(chunk, model, prompt_tokens)
                 out += sse_event(orjson.dumps(end), event="done" if chunk.kind == "done" else "error")
@@ -152,6 +156,16 @@ async def _events(
                 return
             yield bytes(out)
     yield error_event("timeout", f"no result for job {job_id!r} within its time limit")
+
+
+def event_payload_of(chunk: Chunk) -> dict[str, object]:
+    """A progress / log / complete event's body: ``percent``, ``step``, ``steps`` and/or ``message``, and
+    ``seq`` (the number of the token that comes next)."""
+    body: dict[str, object] = orjson.loads(chunk.data) if chunk.kind in ("progress", "complete") else {}
+    if chunk.message:
+        body["message"] = chunk.message
+    body["seq"] = chunk.seq
+    return body
 
 
 def end_payload_of(chunk: Chunk, model: str, prompt_tokens: int) -> dict[str, object]:

@@ -18,7 +18,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from reference_server.endpoints.common import ServerState
-from reference_server.endpoints.queued import end_payload_of, model_ref
+from reference_server.endpoints.queued import end_payload_of, event_payload_of, model_ref
 from reference_server.errors import Conflict, Overloaded, RequestError
 from reference_server.models.tokens import count_prompt_tokens
 from reference_server.queue.front import READ_BLOCK_MS, QueueFront
@@ -109,9 +109,16 @@ async def _pump(
                 return
             for _, chunk in got:
                 if not chunk.final:
-                    if chunk.seq > after_seq and not await session.send(
+                    # After a resume, events numbered just after last_seq are sent again: an event at
+                    # seq k follows token k - 1, and whether the client saw it is unknown.
+                    if chunk.seq <= after_seq:
+                        continue
+                    out: dict[str, object] = (
                         {"type": "token", "id": request_id, "seq": chunk.seq, "token": chunk.data}
-                    ):
+                        if chunk.kind == "token"
+                        else {"type": chunk.kind, "id": request_id, **event_payload_of(chunk)}
+                    )
+                    if not await session.send(out):
                         return  # the peer is gone
                     continue
                 kind = "done" if chunk.kind == "done" else "error"

@@ -58,6 +58,7 @@ class QueueFront:
     stopping: bool = False  # set at the end of the shutdown grace period: streams end in-band
 
     reader: ResultReader | None = None  # on Redis: the one reader of every stream this front end follows
+    progress_every: int | None = None  # jobs publish progress every this many tokens (queue_progress_every)
 
     @classmethod
     def connect(cls, url: str, prefix: str, job_ttl_s: float) -> QueueFront:
@@ -72,7 +73,7 @@ class QueueFront:
         return isinstance(self.streams, MemoryQueue)
 
     def job(self, job_id: str, model: str, prompt: str, max_tokens: int | None, seed: int | None) -> Job:
-        return Job(job_id, model, prompt, max_tokens, seed, self.clock() + self.job_ttl_s)
+        return Job(job_id, model, prompt, max_tokens, seed, self.clock() + self.job_ttl_s, self.progress_every)
 
     async def submit(self, job: Job, owner: str) -> bool:
         """Enqueue ``job``; False when its id is taken (a job with that id runs or its results are kept).

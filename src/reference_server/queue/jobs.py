@@ -10,8 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-ChunkKind = Literal["token", "done", "error"]
-_KINDS: dict[str | None, ChunkKind] = {"token": "token", "done": "done", "error": "error"}
+# token, then the job's end (done or error); progress, log and complete are events a long job publishes
+# between tokens (what it has done, what happened, that its work is finished), streamed like tokens.
+ChunkKind = Literal["token", "done", "error", "progress", "log", "complete"]
+_KINDS: dict[str | None, ChunkKind] = {
+    "token": "token", "done": "done", "error": "error", "progress": "progress", "log": "log", "complete": "complete",
+}  # fmt: skip
+EVENT_KINDS = frozenset({"progress", "log", "complete"})
 
 
 class BadJob(ValueError):
@@ -26,13 +31,17 @@ class Job:
     max_tokens: int | None
     seed: int | None
     deadline: float  # seconds since the epoch; past it the job ends with a timeout
+    progress_every: int | None = None  # publish a progress event every this many tokens (and log, complete)
 
     def fields(self) -> dict[str, str]:
-        return {
+        out = {
             "id": self.id, "model": self.model, "prompt": self.prompt,
             "max_tokens": "" if self.max_tokens is None else str(self.max_tokens),
             "seed": "" if self.seed is None else str(self.seed), "deadline": repr(self.deadline),
         }  # fmt: skip
+        if self.progress_every is not None:
+            out["progress_every"] = str(self.progress_every)
+        return out
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Job:
@@ -41,6 +50,7 @@ class Job:
                 id=fields["id"], model=fields["model"], prompt=fields["prompt"],
                 max_tokens=int(fields["max_tokens"]) if fields["max_tokens"] else None,
                 seed=int(fields["seed"]) if fields["seed"] else None, deadline=float(fields["deadline"]),
+                progress_every=int(fields["progress_every"]) if fields.get("progress_every") else None,
             )  # fmt: skip
         except (KeyError, ValueError) as exc:
             raise BadJob(f"not a job: {exc!r} in {sorted(fields)}") from None
@@ -48,10 +58,13 @@ class Job:
 
 @dataclass(frozen=True)
 class Chunk:
+    """One result: tokens are numbered 0, 1, ...; an event or the final chunk carries the number of the
+    token that would come next (so the final chunk's ``seq`` is the count of tokens)."""
+
     seq: int
     kind: ChunkKind
-    data: str  # the token text, the finish reason, or the error kind (timeout, model_error, ...)
-    message: str = ""  # error chunks: what happened, for the client
+    data: str  # the token text, the finish reason, the error kind (timeout, ...), or an event's JSON
+    message: str = ""  # error and log chunks: what happened, for the client
     model_version: str = ""  # final chunks: the version that ran the job
 
     def fields(self) -> dict[str, str]:
@@ -77,7 +90,12 @@ class Chunk:
 
     @property
     def final(self) -> bool:
-        return self.kind != "token"
+        return self.kind in ("done", "error")
+
+    @property
+    def next_seq(self) -> int:
+        """The number of the token after this chunk: where a worker taking the job over goes on."""
+        return self.seq + 1 if self.kind == "token" else self.seq
 
 
 @dataclass
@@ -98,4 +116,4 @@ def dead_letter_notice(last: Chunk | None, deliveries: int) -> Chunk | None:
     if last is not None and last.final:
         return None
     message = f"the job failed {deliveries} deliveries and was set aside"
-    return Chunk(0 if last is None else last.seq + 1, "error", "dead_lettered", message)
+    return Chunk(0 if last is None else last.next_seq, "error", "dead_lettered", message)

@@ -140,7 +140,7 @@ class MemoryQueue:
             del self._deadlines[job_id]
             last = await self.last_chunk(job_id)
             if last is None or not last.final:
-                await self.write(job_id, Chunk(0 if last is None else last.seq + 1, "error", "timeout",
+                await self.write(job_id, Chunk(0 if last is None else last.next_seq, "error", "timeout",
                                                "the job passed its deadline"))  # fmt: skip
                 await self.count("expired")
                 ended += 1

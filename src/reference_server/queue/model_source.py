@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import orjson
+
 from reference_server.models.tokens import TokensModel
 from reference_server.queue.jobs import Chunk, Job
 from reference_server.settings import ServerSettings, TokensModelSpec
@@ -62,6 +64,10 @@ class ModelSource:
         plan = model.plan(job.prompt, job.max_tokens, job.seed)
         for _ in range(min(sent, plan.output_tokens)):  # replay the draws of the tokens already sent
             model.next_token(plan)
+        every, total = job.progress_every, plan.output_tokens
+        if every is not None:
+            what = "started" if sent == 0 else f"resumed after {sent} of {total} tokens"
+            yield 0.0, Chunk(sent, "log", "", f"job {what} on model {model.name}@{model.version}")
         first = True
         for i in range(sent, plan.output_tokens):
             wait = model.step_cost_s(self.running)
@@ -74,4 +80,15 @@ class ModelSource:
                 yield wait, Chunk(i, "error", "model_error", "the model failed", model.version)
                 return
             yield wait, Chunk(i, "token", model.next_token(plan))
-        yield 0.0, Chunk(max(sent, plan.output_tokens), "done", plan.finish_reason, model_version=model.version)
+            if every is not None and (i + 1) % every == 0 and i + 1 < total:
+                yield 0.0, Chunk(i + 1, "progress", progress_data(i + 1, total))
+        end = max(sent, total)
+        if every is not None:
+            yield 0.0, Chunk(end, "complete", progress_data(end, total), f"generated {total} tokens")
+        yield 0.0, Chunk(end, "done", plan.finish_reason, model_version=model.version)
+
+
+def progress_data(step: int, steps: int) -> str:
+    """A progress or complete event's JSON: tokens done of the job's planned length."""
+    percent = 100.0 if steps == 0 else round(100 * step / steps, 1)
+    return orjson.dumps({"percent": percent, "step": step, "steps": steps}).decode()

@@ -284,7 +284,7 @@ class RedisStreams:
             last = await self.last_chunk(job_id)
             if last is not None and last.final:
                 continue
-            seq = 0 if last is None else last.seq + 1
+            seq = 0 if last is None else last.next_seq
             await self.write(job_id, Chunk(seq, "error", "timeout", "the job passed its deadline"))
             await self.count("expired")
             ended += 1

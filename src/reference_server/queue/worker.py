@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import ResponseError
 
 from reference_server.queue.backend import JobQueue
-from reference_server.queue.jobs import BadJob, Chunk, Job, StepWrites
+from reference_server.queue.jobs import EVENT_KINDS, BadJob, Chunk, Job, StepWrites
 from reference_server.queue.redis_streams import UNREACHABLE
 
 # One job's token source: given the job and how many tokens were already sent, yields the rest of its
@@ -245,8 +245,8 @@ class Worker:
     async def _resume(self, entry_id: str, job: Job, deliveries: int) -> _Running:
         last = await self.streams.last_chunk(job.id)
         if last is not None and last.final:  # finished before a crash: only acknowledge
-            return _Running(entry_id, job, iter(()), last.seq + 1, deliveries, done=True)
-        sent = 0 if last is None else last.seq + 1
+            return _Running(entry_id, job, iter(()), last.seq, deliveries, done=True)
+        sent = 0 if last is None else last.next_seq
         return _Running(entry_id, job, self.tokens(job, sent), sent, deliveries)
 
 
@@ -281,8 +281,13 @@ class _Running:
                 step.count("completed" if chunk is None or chunk.kind == "done" else "failed")
             else:
                 step.chunks.append((self.job.id, chunk))
-                self.seq = chunk.seq + 1
+                self.seq = chunk.next_seq
                 self._pull()
+                # Events that follow a chunk at no cost (progress after a token) go out in the same step.
+                while self._next is not None and self._next.kind in EVENT_KINDS and self.wait == 0:
+                    step.chunks.append((self.job.id, self._next))
+                    self.seq = self._next.next_seq
+                    self._pull()
                 return True
         step.acks.append((self.entry_id, self.deliveries))
         return False
