@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from reference_server import ServerSettings, create_app
@@ -168,3 +171,21 @@ def test_an_integer_beyond_64_bits_is_echoed_not_a_server_error(client: TestClie
                            headers={"content-type": "application/json"})  # fmt: skip
     assert response.status_code == 200
     assert b"123456789012345678901234567890" in response.content
+
+
+def test_an_unexpected_error_answers_500_without_its_text_or_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a route must not tell the client about the server's insides; the log keeps the detail."""
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("secret detail of /srv/model/weights.bin")
+
+    app = create_app(ServerSettings())
+    app.router.routes.append(Route("/broken", broken))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/broken")
+        assert client.get("/healthz").status_code == 200  # and the server goes on
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal", "message": "internal server error"}
+    assert "secret" not in answer.text
+    assert "Traceback" not in answer.text
+    assert "secret detail" in caplog.text  # logged for the operator
