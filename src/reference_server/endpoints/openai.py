@@ -70,6 +70,10 @@ async def _generate(
     stream: bool, include_usage: bool, *, chat: bool,
 ) -> Response:  # fmt: skip
     state = state_of(request)
+    if state.queue is not None:  # queue mode: the completion is a job for the workers
+        from reference_server.endpoints.openai_queued import generate_queued  # it imports this module
+
+        return await generate_queued(request, model, prompt, max_tokens, seed, stream, include_usage, chat=chat)
     client = admit(request, state)
     scheduler = state.registry.scheduler(model, client)
     guard = open_stream(
