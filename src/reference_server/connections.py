@@ -1,19 +1,24 @@
-"""A limit on the TCP connections one client address may hold open (``max_connections_per_client``).
+"""Connection-level protection, in uvicorn's HTTP and WebSocket protocol classes (subclassed): what a
+client can cost before any request reaches the application.
 
-Stream leases (admission.py) bound what a client may *run*; this bounds what it may *hold*: a client
-that opens thousands of idle or half-open sockets costs file descriptors and memory before it sends a
-byte the application sees. So the limit lives in the connection layer — uvicorn's HTTP and WebSocket
-protocol classes, subclassed — and counts by peer address alone (a connection has no ``X-Client-Id``
-before its first request; clients behind one proxy share its address, so size the limit for that).
+Read deadline (``request_read_timeout_s``). uvicorn waits forever for a request that never ends: a
+socket that sends nothing, half a head, or a head and half its body holds its descriptor and buffers
+for good (slowloris). Here a request must arrive whole — head and body — within the deadline of its
+start (the connection's opening, or its first byte after a keep-alive pause, which uvicorn's own
+keep-alive timeout bounds); else the client gets ``408`` with ``{"error":"request_timeout"}`` and the
+connection closes. One timer per request, armed at its start and cancelled once it is read.
 
-One count per transport: a WebSocket upgrade hands the same transport from the HTTP protocol to the
-WebSocket protocol (``connection_made`` is called again, the HTTP ``connection_lost`` never is), so the
-counter tracks transports and counts each once, whichever protocol sees it first and last.
-
-A connection over the limit is answered, not reset: its first request head gets ``429`` with
-``{"error":"too_many_connections"}`` and ``Connection: close``; then the server shuts its side and reads
-(and drops) whatever else the client sends until the client closes, so the answer is not lost to a
-reset. With ``--workers N`` each worker process counts its own connections.
+Connection limit (``max_connections_per_client``). Stream leases (admission.py) bound what a client may
+*run*; this bounds what it may *hold*: a client that opens thousands of idle sockets costs file
+descriptors and memory before it sends a byte. It counts by peer address alone (a connection has no
+``X-Client-Id`` before its first request; clients behind one proxy share its address, so size the limit
+for that). A WebSocket upgrade hands the same transport from the HTTP protocol to the WebSocket
+protocol (``connection_made`` is called again, the HTTP ``connection_lost`` never is), so the counter
+tracks transports and counts each once, whichever protocol sees it first and last. A connection over
+the limit is answered, not reset: its first request head gets ``429`` with
+``{"error":"too_many_connections"}`` and ``Connection: close``; then the server shuts its side and drops
+whatever else comes until the client closes, so the answer is not lost to a reset. With
+``--workers N`` each worker process counts its own connections.
 """
 
 from __future__ import annotations
@@ -39,11 +44,19 @@ _REFUSED_LINGER_S = 2.0  # how long a refused connection may take to close its s
 
 
 class ReferenceConfig(uvicorn.Config):
-    """uvicorn's config plus our connection limit (a subclass, so that ``--workers N`` pickles it)."""
+    """uvicorn's config plus our connection settings (a subclass, so that ``--workers N`` pickles it)."""
 
-    def __init__(self, app: Any, *, max_connections_per_client: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_connections_per_client: int | None = None,
+        request_read_timeout_s: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self.max_connections_per_client = max_connections_per_client
+        self.request_read_timeout_s = request_read_timeout_s
 
 
 @dataclass(slots=True)
@@ -104,36 +117,42 @@ def counter_for(config: uvicorn.Config, server_state: UvicornServerState) -> Con
     return counter
 
 
-def refusal_response(limit: int) -> bytes:
-    body = json.dumps(
-        {
-            "error": "too_many_connections",
-            "detail": f"this address already holds {limit} open connections (the server's limit); "
-            "close one or reuse a keep-alive connection",
-        }
-    ).encode()
+def close_response(status: str, error: str, detail: str) -> bytes:
+    """A whole JSON error response that closes the connection, written straight to the transport."""
+    body = json.dumps({"error": error, "detail": detail}).encode()
     head = (
-        "HTTP/1.1 429 Too Many Requests\r\n"
-        "content-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
     ).encode()
     return head + body
 
 
-class LimitedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, counting connections per address and refusing those over the limit."""
+def refusal_response(limit: int) -> bytes:
+    return close_response(
+        "429 Too Many Requests",
+        "too_many_connections",
+        f"this address already holds {limit} open connections (the server's limit); "
+        "close one or reuse a keep-alive connection",
+    )
+
+
+class ReferenceHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a read deadline per request and the per-address connection limit."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._counter = counter_for(self.config, self.server_state)
         self._refused: _Refusal | None = None
+        self._read_timeout_s: float | None = getattr(self.config, "request_read_timeout_s", None)
+        self._read_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         counter = self._counter
         if counter is not None and not counter.admit(transport):
             self._refused = _Refusal(transport, counter.limit)
+            return
+        self._arm_read_deadline()  # the first request is under way from the start
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
@@ -142,14 +161,54 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_read_deadline()
         if self._refused is not None:
             self._refused.cancel()
         elif self._counter is not None and self.transport is not None:
             self._counter.leave(self.transport)
         super().connection_lost(exc)
 
+    # --- the read deadline ------------------------------------------------------------------------
 
-class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._read_deadline is None:
+            self._arm_read_deadline()
+
+    def on_message_complete(self) -> None:
+        self._disarm_read_deadline()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._disarm_read_deadline()  # answered before it was read whole (a 413, say): nothing to wait for
+        super().on_response_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm_read_deadline()
+        super().handle_websocket_upgrade()
+
+    def _arm_read_deadline(self) -> None:
+        if self._read_timeout_s is not None:
+            self._read_deadline = self.loop.call_later(self._read_timeout_s, self._read_timed_out)
+
+    def _disarm_read_deadline(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started:  # nothing written yet: the client gets a reason
+            detail = f"the request did not arrive whole within {self._read_timeout_s:g} s"
+            transport.write(close_response("408 Request Timeout", "request_timeout", detail))
+        transport.close()  # the application, if it was reading the body, hears a disconnect
+
+
+class ReferenceWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, counting out the upgraded connection when it ends."""
 
     def __init__(

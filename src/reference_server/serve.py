@@ -33,7 +33,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.supervisors import Multiprocess
 
 from reference_server.app import create_app
-from reference_server.connections import LimitedHttpProtocol, LimitedWebSocketProtocol, ReferenceConfig
+from reference_server.connections import ReferenceConfig, ReferenceHttpProtocol, ReferenceWebSocketProtocol
 from reference_server.endpoints.common import ServerState
 from reference_server.errors import ConfigError
 from reference_server.settings import ServerSettings, load_settings
@@ -72,8 +72,6 @@ def uvicorn_config(settings: ServerSettings, app: Starlette | None = None) -> uv
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop" if fast else "asyncio",
-        "http": "httptools",
-        "ws": "websockets-sansio",
         "log_level": settings.log_level,
         "access_log": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_s,
@@ -85,9 +83,12 @@ def uvicorn_config(settings: ServerSettings, app: Starlette | None = None) -> uv
         "lifespan": "on",
         "server_header": False,
     }
-    if settings.max_connections_per_client is not None:  # the plain protocols otherwise: nothing to count
-        common.update(http=LimitedHttpProtocol, ws=LimitedWebSocketProtocol)
-    common["max_connections_per_client"] = settings.max_connections_per_client
+    common.update(
+        http=ReferenceHttpProtocol,
+        ws=ReferenceWebSocketProtocol,
+        max_connections_per_client=settings.max_connections_per_client,
+        request_read_timeout_s=settings.request_read_timeout_s,
+    )
     if settings.workers > 1:
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
         return ReferenceConfig("reference_server.serve:app_from_env", factory=True, workers=settings.workers, **common)

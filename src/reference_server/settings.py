@@ -119,6 +119,9 @@ class ServerSettings(BaseModel):
 
     # Slow consumers and dead peers.
     send_timeout_s: float = Field(10.0, gt=0, description="one write to a client longer than this drops the stream")
+    request_read_timeout_s: float | None = Field(
+        30.0, gt=0, description="a request (head and body) not read whole by then gets 408; None = wait forever"
+    )
     send_buffer_bytes: int | None = Field(
         None, ge=4096, le=64 << 20, description="kernel send buffer per connection (SO_SNDBUF); None = autotuned"
     )

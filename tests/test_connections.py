@@ -1,4 +1,5 @@
-"""The per-address connection limit: counted once per transport (WebSocket upgrades too), answered with 429."""
+"""Connection-level protection: the per-address limit (counted once per transport, WebSocket upgrades too,
+answered with 429) and the read deadline of a request (408 for a request that never arrives whole)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from websockets.sync.client import connect
 
 from polling import wait_until
 from reference_server import connections
-from reference_server.connections import ConnectionCounter, LimitedHttpProtocol, counter_for
-from reference_server.serve import EmbeddedServer, uvicorn_config
+from reference_server.connections import ConnectionCounter, counter_for
+from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
 
 LIMIT = 3
@@ -139,10 +140,57 @@ def test_a_refused_client_that_never_sends_a_request_is_closed_after_a_wait(
             sock.close()
 
 
-def test_without_the_setting_connections_are_not_counted() -> None:
-    config = uvicorn_config(ServerSettings())
-    config.load()
-    assert not issubclass(config.http_protocol_class, LimitedHttpProtocol)
-    limited = uvicorn_config(ServerSettings(max_connections_per_client=2))
-    limited.load()
-    assert issubclass(limited.http_protocol_class, LimitedHttpProtocol)
+def test_without_the_setting_nothing_is_counted_or_refused() -> None:
+    with EmbeddedServer(ServerSettings()) as unlimited:
+        uvicorn_server = unlimited._server
+        assert counter_for(uvicorn_server.config, uvicorn_server.server_state) is None
+        socks = _open(unlimited, 3 * LIMIT)  # each answered 200
+        for sock in socks:
+            sock.close()
+
+
+READ_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def deadline_server() -> Iterator[EmbeddedServer]:
+    with EmbeddedServer(ServerSettings(request_read_timeout_s=READ_TIMEOUT_S)) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"POST /v1/stream HTTP/1.1\r\nhost: t\r\n", id="half-a-head"),
+        pytest.param(
+            b"POST /v1/stream HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n"
+            b'{"prompt":',
+            id="head-and-half-a-body",
+        ),
+    ],
+)
+def test_a_request_that_never_arrives_whole_gets_408_and_the_connection_closes(
+    deadline_server: EmbeddedServer, sent: bytes
+) -> None:
+    with socket.create_connection(_address(deadline_server), timeout=10 * READ_TIMEOUT_S) as sock:
+        sock.sendall(sent)
+        answer = _read_to_end(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert json.loads(body)["error"] == "request_timeout"
+    with socket.create_connection(_address(deadline_server), timeout=10) as other:  # and the server goes on
+        assert _ask(other).startswith(b"HTTP/1.1 200")
+
+
+def test_the_read_deadline_spares_requests_that_arrive_whole_and_idle_keep_alive(
+    deadline_server: EmbeddedServer,
+) -> None:
+    with socket.create_connection(_address(deadline_server), timeout=10) as sock:
+        assert _ask(sock).startswith(b"HTTP/1.1 200")
+        # Idle for longer than the deadline between requests: uvicorn's keep-alive timeout (5 s) governs.
+        sock.settimeout(1.5 * READ_TIMEOUT_S)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)  # no 408, nothing at all
+        sock.settimeout(10)
+        assert _ask(sock).startswith(b"HTTP/1.1 200")
