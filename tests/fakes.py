@@ -7,7 +7,9 @@ stream that stalls. It runs its own asyncio loop in a background thread; only te
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,10 +32,11 @@ RESUMED_TAIL = (
 )
 
 RESPONSES: dict[bytes, tuple[bytes, str]] = {
-    # path: (bytes to send, then "close" | "keep" | "stall")
+    # path: (bytes to send, then "close" | "reset" | "keep" | "stall")
     b"/rate-limited": (b'HTTP/1.1 429 Too Many Requests\r\ncontent-length: 24\r\n\r\n{"error":"rate_limited"}', "keep"),
     b"/server-error": (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 2\r\n\r\nno", "keep"),
     b"/drop": (SSE_HEAD + TOKEN + TOKEN, "close"),
+    b"/reset": (SSE_HEAD + TOKEN + TOKEN, "reset"),
     b"/garbage": (SSE_HEAD + TOKEN + b"zz\r\nnot a chunk\r\n", "keep"),
     b"/stall": (SSE_HEAD + TOKEN, "stall"),
     b"/no-done": (SSE_HEAD + TOKEN + b"0\r\n\r\n", "keep"),
@@ -72,6 +75,10 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             writer.write(payload)
             await writer.drain()
             if then == "close":
+                break
+            if then == "reset":  # SO_LINGER 0: the close sends a TCP reset, not a FIN
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 break
             if then == "stall":
                 await asyncio.sleep(3600)

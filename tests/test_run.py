@@ -135,6 +135,7 @@ scenarios:
         pytest.param("/rate-limited", "rate_limited", id="429"),
         pytest.param("/server-error", "http_error", id="500"),
         pytest.param("/drop", "disconnected", id="connection-dropped-mid-stream"),
+        pytest.param("/reset", "disconnected", id="connection-reset-mid-stream"),
         pytest.param("/no-done", "disconnected", id="stream-ended-without-final-event"),
         pytest.param("/garbage", "protocol_error", id="broken-chunked-encoding"),
         pytest.param("/stall", "timed_out", id="stalled-stream"),
