@@ -4,7 +4,8 @@ This is the only code that sleeps. Each executor is bounded by its own duration 
 plus ``graceful_stop``, after which iterations still running are cancelled and counted as interrupted;
 a stop request (Ctrl-C, SIGTERM) cancels everything at once. Open-loop arrivals never sleep less than
 1 ms and fire every due arrival on each wake-up (MEASUREMENTS.md: shorter sleeps either round up to 1 ms
-or spin), and each request records both its intended and its actual send time.
+or spin), and each request records both its intended and its actual send time. A plain HTTP VU of a
+closed loop (no think time, bursts or iteration budget) runs as callbacks instead (``clients/http_lane.py``).
 """
 
 from __future__ import annotations

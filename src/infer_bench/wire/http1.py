@@ -397,11 +397,12 @@ class SimpleResponses:
         if end < 0:
             return 0
         head = data[: end + 4]
-        if _SIMPLE_HEAD.fullmatch(head) is None:
+        length = _simple_length(head.lower())
+        # The framing first: a server that writes head and body apart fails it here, before the costlier regex.
+        if length < 0 or len(data) != len(head) + length or _SIMPLE_HEAD.fullmatch(head) is None:
             return 0
         status = int(head[9:12])
-        length = _simple_length(head.lower())
-        if status == 204 or length < 0 or len(data) != len(head) + length:
+        if status == 204:
             return 0
         self._head, self._total, self._status = head, len(data), status
         return status
