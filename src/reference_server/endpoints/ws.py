@@ -148,8 +148,10 @@ class _Session:
 
     def _start(self, msg: WsGenerate | WsResume | Any) -> None:
         state = self.state
-        state.admission.check_rate(self.client)
-        if state.queue is not None and isinstance(msg, WsGenerate | WsResume):
+        queued = state.queue is not None and isinstance(msg, WsGenerate | WsResume)
+        if not (queued and state.admission.shared is not None):  # on Redis, the shared bucket decides alone
+            state.admission.check_rate(self.client)
+        if queued:
             if state.draining:
                 raise Overloaded("the server is shutting down", reason="draining")
             self.in_flight[msg.id] = None  # the job's reader keeps the id in flight until it ends

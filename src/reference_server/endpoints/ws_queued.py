@@ -41,7 +41,7 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
     request_id = msg.id
     lease = None
     try:
-        if state.admission.shared is not None:  # the socket's own check was this process's bucket
+        if state.admission.shared is not None:  # every front end's bucket (the socket skipped its own)
             await state.admission.check_rate_shared(session.client)
         lease = await state.admission.lease_shared(session.client)
         job_id, after_seq, model, prompt_tokens = await _open(front, session.client, msg, state)
