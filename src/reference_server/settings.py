@@ -156,6 +156,15 @@ class ServerSettings(BaseModel):
     queue_progress_every: int | None = Field(
         None, ge=1, description="jobs publish a progress event every N tokens, a log at start, complete at end"
     )
+    queue_cancel_after_s: float | None = Field(
+        None, ge=0, le=86_400, description="a job whose reader went away is cancelled after this unless a resume "
+        "re-attaches; None = resume_ttl_s",
+    )  # fmt: skip
+
+    @property
+    def queue_cancel_grace_s(self) -> float:
+        """The grace before a queued job whose reader went away is cancelled (``queue_cancel_after_s``)."""
+        return self.resume_ttl_s if self.queue_cancel_after_s is None else self.queue_cancel_after_s
 
     _source: Path | None = PrivateAttr(None)  # the settings file, re-read on SIGHUP
 

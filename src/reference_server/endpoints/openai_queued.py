@@ -4,9 +4,11 @@ The answer is what the direct routes send (``endpoints.openai``): streamed ``dat
 stream opens with a role-only delta; ``finish_reason`` on its own last chunk; the usage chunk with
 ``stream_options.include_usage``; ``data: [DONE]``) or one completion object. A job's failure streams as
 an in-band ``{"error": {...}}`` before ``[DONE]`` (a ``502``, or ``504`` for a timeout, when not
-streaming). Progress and log events of a job are not sent: OpenAI's clients know no such chunk. A client
-that hangs up does not stop its job (workers do not watch clients); admission (shared rate limits and
-stream leases) is the queue routes' own.
+streaming). Progress and log events of a job are not sent: OpenAI's clients know no such chunk. A
+streaming client that hangs up before the end cancels its job at once (cause ``abandoned``): these
+routes have no resume, so no grace period could be used. A client waiting for a whole (non-streamed)
+answer is not watched; its job runs to the end. Admission (shared rate limits and stream leases) is the
+queue routes' own.
 """
 
 from __future__ import annotations
@@ -106,17 +108,17 @@ class _Answer:
     def _failure(self, code: str, message: str) -> Chunk:
         return Chunk(0, "error", code, message)
 
-    async def chunks(self) -> AsyncGenerator[list[Chunk], None]:
+    async def chunks(self, grace_s: float | None = None) -> AsyncGenerator[list[Chunk], None]:
         """The job's chunks as they come ([] after each silent read), to the final one; ends in an error
         chunk of our own if Redis goes away, the server stops, or nothing comes in the job's time.
 
         The last batch is yielded after the job's results are no longer followed, so a consumer that
         stops at the final chunk leaves nothing behind."""
         last = [self._failure("timeout", f"no result for job {self.job_id!r} within its time limit")]
-        async with self.front.follow(self.job_id, "0-0") as feed:
+        async with self.front.follow(self.job_id, "0-0", grace_s=grace_s) as feed:
             for _ in range(int((self.front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
                 if self.front.stopping:
-                    last = [self._failure("shutdown", "the server is shutting down (the job runs on)")]
+                    last = [self._failure("shutdown", "the server is shutting down")]
                     break
                 try:
                     got = [chunk for _, chunk in await feed.next()]
@@ -147,7 +149,7 @@ class _Answer:
             yield _data(s.chunk(None, role=True))
         silent = 0
         heartbeat_reads = max(1, int(self.state.settings.heartbeat_s * 1000 / READ_BLOCK_MS))
-        async with contextlib.aclosing(self.chunks()) as batches:
+        async with contextlib.aclosing(self.chunks(grace_s=0)) as batches:
             async for got in batches:
                 if not got:
                     silent += 1

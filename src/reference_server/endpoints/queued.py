@@ -3,8 +3,9 @@
 The wire format is direct mode's (docs/protocol.md): ``retry``, ``token`` events, then one ``done`` or
 ``error``. Only the event ids differ: ``<request_id>:<Redis stream id>`` — the position in the job's
 results stream, which lives in Redis, so a ``Last-Event-ID`` resumes on any front end, also after the
-one that served the stream was restarted. A client that leaves does not stop its job (workers do not
-watch clients); its results stay readable for a resume until they expire.
+one that served the stream was restarted. A client that leaves before the end abandons its job: it is
+cancelled ``queue_cancel_after_s`` later (default ``resume_ttl_s``) unless a resume re-attaches first,
+and a resume after that reads the tokens made until then and a ``cancelled`` end.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ async def stream(request: Request) -> Response:
             state.metrics.rejections.child(exc.reason).inc()
         raise
     after = resume[1] if resume else "0-0"
-    events = _events(state, front, job_id, after, model.partition("@")[0], count_prompt_tokens(body.prompt))
+    prompt_tokens = count_prompt_tokens(body.prompt)
+    events = _events(state, front, job_id, after, model.partition("@")[0], prompt_tokens)
     return QueuedResponse(state, events, lease, {"X-Request-Id": job_id})
 
 
@@ -119,7 +121,8 @@ async def _events(
     heartbeat_reads = max(1, int(settings.heartbeat_s * 1000 / READ_BLOCK_MS))
     # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
     max_silent_reads = int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)
-    async with front.follow(job_id, after) as feed:
+    grace_s = settings.queue_cancel_grace_s
+    async with front.follow(job_id, after, grace_s=grace_s) as feed:
         while silent_reads < max_silent_reads:
             if front.stopping:
                 message = f"the server is shutting down; resume with Last-Event-ID: {prefix}{last}"

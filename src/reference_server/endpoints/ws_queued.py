@@ -4,7 +4,10 @@ The messages are direct mode's (docs/protocol.md): ``token`` with ``seq``, then 
 ``error``. A request id is the socket's own; the job behind it gets a random id, and the pair (client,
 request id) is remembered in the queue for as long as the job's results, so ``{"type": "resume", "id",
 "last_seq"}`` finds the job from any socket of the same client on any front end, also after a restart.
-``cancel`` stops sending (the job itself runs on: workers do not watch clients).
+``cancel`` stops sending and cancels the job: its worker stops at its next step and ends the job's
+results with a ``cancelled`` end, so a later ``resume`` gets the tokens made until then and that end. A
+socket that closes mid-generation abandons its jobs: each is cancelled ``queue_cancel_after_s`` later
+(default ``resume_ttl_s``) unless a ``resume`` from any socket of the client re-attaches first.
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
         with anyio.CancelScope() as scope:
             session.queued[request_id] = scope
             await _pump(session, front, request_id, job_id, after_seq, model, prompt_tokens)
-        if scope.cancelled_caught:  # the client's ``cancel``
+        if scope.cancelled_caught:  # the client's ``cancel``: the job stops too
+            await front.cancel(job_id, "client_cancel")
             await session.send({
                 "type": "error", "id": request_id, "done": True, "error": "cancelled",
-                "message": "the request was cancelled (its job runs on; resume to read it)",
+                "message": "the request was cancelled; its job stops at its next step",
             })  # fmt: skip
     finally:
         session.queued.pop(request_id, None)
@@ -96,7 +100,8 @@ async def _pump(
     session: _Session, front: QueueFront, request_id: str, job_id: str, after_seq: int, model: str, prompt_tokens: int
 ) -> None:
     # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
-    async with front.follow(job_id, "0-0") as feed:
+    grace_s = session.state.settings.queue_cancel_grace_s
+    async with front.follow(job_id, "0-0", grace_s=grace_s) as feed:
         for _ in range(int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
             if front.stopping:
                 await _end(session, request_id, "shutdown", "the server is shutting down; resume on another front end")

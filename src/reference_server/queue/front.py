@@ -5,6 +5,12 @@ to the job's results stream. A background task (``run``) ends jobs past their de
 ``timeout`` chunk (so a client whose job no worker took is not left hanging) and refreshes the queue's
 figures for ``/metrics`` and ``/stats``, which are read from Redis there and never on a scrape.
 
+Cancellation: a client's ``cancel`` marks its job cancelled at once (``cancel``). The queue counts each
+job's readers (``follow``); the last one leaving before the job's end abandons it, and the sweeper of
+any front end cancels it once the grace has passed unless a reader attached again first (a resume). The
+grace lives in the queue (a sorted set on Redis), so a resume on another front end, or after this one
+restarted, keeps the job; a reader still open elsewhere keeps it too.
+
 Redis being unreachable is an answer, not a crash: requests get ``503 queue_unavailable`` with the
 reason, streams under way end in-band with the same error (and resume later with ``Last-Event-ID``).
 """
@@ -15,7 +21,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,7 +32,7 @@ from redis.exceptions import RedisError
 from reference_server.errors import Overloaded
 from reference_server.metrics import ServerMetrics
 from reference_server.queue.backend import JobQueue
-from reference_server.queue.jobs import Chunk, Job
+from reference_server.queue.jobs import CANCEL_CAUSES, Chunk, Job
 from reference_server.queue.memory import MemoryQueue
 from reference_server.queue.reader import Follower, ResultReader
 from reference_server.queue.redis_streams import RESULT_TTL_S, RedisStreams, connect
@@ -34,6 +40,7 @@ from reference_server.queue.redis_streams import RESULT_TTL_S, RedisStreams, con
 log = logging.getLogger("reference_server.queue")
 
 READ_BLOCK_MS = 500  # one XREAD waits this long at most: a stream notices shutdown and heartbeats in time
+_MARK_WAIT_S = 2.0  # the longest a reader that went away spends marking its job (Redis may be away too)
 
 
 class QueueUnavailable(Overloaded):
@@ -120,18 +127,55 @@ class QueueFront:
         """Result chunks after stream id ``after`` (waits up to ``READ_BLOCK_MS``); RedisError passes up."""
         return await self.streams.read_after(job_id, after, READ_BLOCK_MS)
 
-    @contextlib.asynccontextmanager
-    async def follow(self, job_id: str, after: str) -> AsyncIterator[Feed]:
-        """A feed of ``job_id``'s result chunks after stream id ``after``: through the shared reader on
-        Redis, by direct reads on the in-process queue (they cost no connection there)."""
-        if self.reader is None:
-            yield _DirectFeed(self, job_id, after)
-            return
-        follower = await self.reader.follow(job_id, after)
+    @property
+    def cancel_ttl_s(self) -> float:
+        """How long a cancel mark is kept: past any job's life (a reclaim much later still sees it)."""
+        return self.job_ttl_s + RESULT_TTL_S
+
+    async def cancel(self, job_id: str, cause: str) -> bool:
+        """Mark ``job_id`` cancelled; its worker ends it at the next step. False if Redis is away (the job
+        then runs on to its end, as before cancellation existed)."""
         try:
-            yield _SharedFeed(follower)
+            await self.streams.cancel(job_id, cause, self.cancel_ttl_s)
+        except (RedisError, OSError) as exc:
+            log.warning("could not cancel job %s: %s", job_id, exc)
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def follow(self, job_id: str, after: str, *, grace_s: float | None = None) -> AsyncIterator[Feed]:
+        """A feed of ``job_id``'s result chunks after stream id ``after``: through the shared reader on
+        Redis, by direct reads on the in-process queue (they cost no connection there).
+
+        With ``grace_s`` the feed counts as one of the job's readers: attaching calls off a pending
+        abandonment (a resume), and the last reader leaving before the job's final chunk abandons the
+        job, which is cancelled ``grace_s`` later unless a reader attaches first (0: at the next sweep,
+        for streams nobody can resume).
+        """
+        if grace_s is not None:
+            await self._mark(self.streams.attach(job_id, self.cancel_ttl_s), job_id)
+        if self.reader is None:
+            feed: _DirectFeed | _SharedFeed = _DirectFeed(self, job_id, after)
+            follower = None
+        else:
+            follower = await self.reader.follow(job_id, after)
+            feed = _SharedFeed(follower)
+        try:
+            yield feed
         finally:
-            self.reader.unfollow(follower)
+            if self.reader is not None and follower is not None:
+                self.reader.unfollow(follower)
+            if grace_s is not None:
+                cancel_at = None if feed.ended else self.clock() + grace_s
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_MARK_WAIT_S):
+                    await self._mark(self.streams.detach(job_id, cancel_at), job_id)
+
+    async def _mark(self, op: Awaitable[None], job_id: str) -> None:
+        """Count a reader in or out. Redis away: the stream's reads fail and say so; the job runs on."""
+        try:
+            await op
+        except (RedisError, OSError) as exc:
+            log.warning("could not count a reader of job %s: %s", job_id, exc)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Every ``sweep_interval_s``: end expired jobs, refresh the figures; and the shared reader.
@@ -147,6 +191,7 @@ class QueueFront:
             try:
                 now = self.clock()
                 await self.streams.expire_jobs(now)
+                await self.streams.cancel_abandoned(now, self.cancel_ttl_s)
                 self.figures = await self.streams.figures(now)
                 if not self.reachable:
                     log.warning("the job queue at %s is reachable again", self.url)
@@ -170,6 +215,8 @@ class QueueFront:
 
 
 class Feed(Protocol):
+    ended: bool  # a final chunk was handed out: the reader saw the job's end
+
     async def next(self) -> list[tuple[str, Chunk]]:
         """The next chunks, [] after ``READ_BLOCK_MS`` without any.
 
@@ -184,20 +231,25 @@ class _DirectFeed:
     front: QueueFront
     job_id: str
     last: str
+    ended: bool = False
 
     async def next(self) -> list[tuple[str, Chunk]]:
         got = await self.front.read(self.job_id, self.last)
         if got:
             self.last = got[-1][0]
+            self.ended = self.ended or any(chunk.final for _, chunk in got)
         return got
 
 
 @dataclass
 class _SharedFeed:
     follower: Follower
+    ended: bool = False
 
     async def next(self) -> list[tuple[str, Chunk]]:
-        return await self.follower.next(READ_BLOCK_MS / 1000)
+        got = await self.follower.next(READ_BLOCK_MS / 1000)
+        self.ended = self.ended or any(chunk.final for _, chunk in got)
+        return got
 
 
 def register_queue_gauges(metrics: ServerMetrics, front: QueueFront) -> None:
@@ -211,8 +263,11 @@ def register_queue_gauges(metrics: ServerMetrics, front: QueueFront) -> None:
         return lambda: {(): front.figures[key]} if key in front.figures else {}
 
     def events() -> dict[tuple[str, ...], float]:
-        names = ("enqueued", "completed", "failed", "reclaimed", "dead_lettered", "expired")
+        names = ("enqueued", "completed", "failed", "cancelled", "reclaimed", "dead_lettered", "expired")
         return {(n,): front.figures.get("count:" + n, 0.0) for n in names}
+
+    def cancelled() -> dict[tuple[str, ...], float]:
+        return {(cause,): front.figures.get("count:cancelled:" + cause, 0.0) for cause in CANCEL_CAUSES}
 
     def deliveries() -> dict[tuple[str, ...], float]:
         out: dict[tuple[str, ...], float] = {}
@@ -230,6 +285,10 @@ def register_queue_gauges(metrics: ServerMetrics, front: QueueFront) -> None:
         "queue_reachable", "1 when the last refresh reached Redis, else 0", (), lambda: {(): float(front.reachable)}
     )
     metrics.counter_callback("queue_jobs_total", "Queue events summed over every process, by event", ("event",), events)
+    metrics.counter_callback(
+        "queue_jobs_cancelled_total", "Jobs their worker stopped early, summed over every process, by cause",
+        ("cause",), cancelled,
+    )  # fmt: skip
     metrics.counter_callback(
         "queue_job_deliveries_total", "Finished jobs by how many deliveries they took", ("deliveries",), deliveries
     )

@@ -106,9 +106,25 @@ class StepWrites:
     chunks: list[tuple[str, Chunk]] = field(default_factory=list)  # (job id, chunk)
     acks: list[tuple[str, int]] = field(default_factory=list)  # (entry id, deliveries it took)
     counts: dict[str, int] = field(default_factory=dict)
+    # Job ids still running after this step: the same round trip reads whether any was cancelled.
+    watch: list[str] = field(default_factory=list)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
+
+
+# Why a job was cancelled: its client sent ``cancel``, or it went away and no reader came back in time.
+CancelCause = Literal["client_cancel", "abandoned"]
+CANCEL_CAUSES: tuple[CancelCause, ...] = ("client_cancel", "abandoned")
+_CANCEL_MESSAGES: dict[str, str] = {
+    "client_cancel": "the client cancelled the job",
+    "abandoned": "the client went away and no reader came back within the grace period",
+}
+
+
+def cancelled_end(seq: int, cause: str) -> Chunk:
+    """The final chunk of a job stopped by a cancel: a resume reads a clear ``cancelled`` end."""
+    return Chunk(seq, "error", "cancelled", _CANCEL_MESSAGES.get(cause, "the job was cancelled"))
 
 
 def dead_letter_notice(last: Chunk | None, deliveries: int) -> Chunk | None:

@@ -56,6 +56,9 @@ class MemoryQueue:
     _workers: dict[str, float] = field(default_factory=dict)
     _shared: dict[str, int] = field(default_factory=dict)
     _aliases: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _cancels: dict[str, tuple[str, float]] = field(default_factory=dict)  # job id → (cause, forget at)
+    _abandoned: dict[str, float] = field(default_factory=dict)  # job id → when to cancel it
+    _readers: dict[str, int] = field(default_factory=dict)  # job id → readers following it now
     _last_id: tuple[int, int] = (0, 0)
 
     def _next_id(self) -> str:
@@ -115,6 +118,33 @@ class MemoryQueue:
         held = self._aliases.get(name)
         return held[0] if held is not None and held[1] > time.time() else None
 
+    async def cancel(self, job_id: str, cause: str, ttl_s: float) -> None:
+        self._cancels.setdefault(job_id, (cause, time.time() + ttl_s))
+        self._abandoned.pop(job_id, None)
+
+    async def attach(self, job_id: str, ttl_s: float) -> None:
+        self._readers[job_id] = self._readers.get(job_id, 0) + 1
+        self._abandoned.pop(job_id, None)
+
+    async def detach(self, job_id: str, cancel_at: float | None) -> None:
+        left = self._readers.get(job_id, 0) - 1
+        if left > 0:
+            self._readers[job_id] = left
+            return
+        self._readers.pop(job_id, None)
+        if cancel_at is not None:
+            self._abandoned[job_id] = cancel_at
+
+    async def cancel_abandoned(self, now: float, ttl_s: float, limit: int = 100) -> int:
+        due = sorted((at, job_id) for job_id, at in self._abandoned.items() if at <= now)[:limit]
+        for _, job_id in due:
+            await self.cancel(job_id, "abandoned", ttl_s)
+        return len(due)
+
+    def _cause(self, job_id: str) -> str | None:
+        held = self._cancels.get(job_id)
+        return held[0] if held is not None else None
+
     async def results_kept(self, job_id: str) -> bool:
         return job_id in self._results or job_id in self._deadlines
 
@@ -150,6 +180,8 @@ class MemoryQueue:
             del self._owners[job_id]
         for name in [n for n, (_, until) in self._aliases.items() if until < now]:
             del self._aliases[name]
+        for job_id in [j for j, (_, until) in self._cancels.items() if until < now]:
+            del self._cancels[job_id]
         return ended
 
     async def heartbeat(self, name: str, now: float) -> None:
@@ -228,7 +260,10 @@ class MemoryQueue:
         await self.ack(entry_id)
         await self.count("dead_lettered")
 
-    async def commit_step(self, step: StepWrites) -> None:
+    async def resume_point(self, job_id: str) -> tuple[Chunk | None, str | None]:
+        return await self.last_chunk(job_id), self._cause(job_id)
+
+    async def commit_step(self, step: StepWrites) -> dict[str, str]:
         for job_id, chunk in step.chunks:
             await self.write(job_id, chunk)
         for entry_id, deliveries in step.acks:
@@ -236,6 +271,7 @@ class MemoryQueue:
             step.count(f"deliveries:{min(deliveries, 4)}")
         for name, n in step.counts.items():
             await self.count(name, n)
+        return {job_id: cause for job_id in step.watch if (cause := self._cause(job_id)) is not None}
 
     async def leave(self, consumer: str) -> None:
         self._workers.pop(consumer, None)

@@ -10,6 +10,9 @@ Keys (under one prefix, so tests and deployments never share state)::
     {p}:workers         sorted set consumer name → last heartbeat (epoch seconds): the live worker count
     {p}:counters        hash of counters every process adds to (reclaimed, dead-lettered, deliveries, ...)
     {p}:alias:{name}    a WebSocket request id's job (per client), for a resume from another socket
+    {p}:cancel:{id}     a cancelled job's cause (client_cancel, abandoned); workers MGET these once a step
+    {p}:readers:{id}    how many readers (streams on any front end) follow a job now
+    {p}:abandoned       sorted set job id → when to cancel it: its last reader left; a reader attaching removes it
 
 Workers (``queue.worker``) read in the consumer group, write numbered result chunks and acknowledge a job
 once its final chunk is written; the front end (``queue.front``) enqueues and reads result streams.
@@ -72,6 +75,7 @@ class RedisStreams:
     client: aioredis.Redis
     prefix: str = "inferbench"
     counters: QueueCounters = field(default_factory=QueueCounters)
+    _detach_script: Any = field(default=None, repr=False)
 
     @property
     def jobs(self) -> str:
@@ -98,6 +102,16 @@ class RedisStreams:
 
     def owner(self, job_id: str) -> str:
         return f"{self.prefix}:owner:{job_id}"
+
+    def cancel_key(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def readers(self, job_id: str) -> str:
+        return f"{self.prefix}:readers:{job_id}"
+
+    @property
+    def abandoned(self) -> str:
+        return f"{self.prefix}:abandoned"
 
     async def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` here and in the shared hash (every front end shows the sum)."""
@@ -159,6 +173,45 @@ class RedisStreams:
             return []
         return [(_text(entry_id), Chunk.from_fields(_decode(f))) for entry_id, f in reply[0][1]]
 
+    async def cancel(self, job_id: str, cause: str, ttl_s: float) -> None:
+        """Mark ``job_id`` cancelled (the first cause stays); its worker stops at its next step."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.cancel_key(job_id), cause, nx=True, ex=max(1, int(ttl_s)))
+            pipe.zrem(self.abandoned, job_id)
+            await pipe.execute()
+
+    async def attach(self, job_id: str, ttl_s: float) -> None:
+        """A reader follows ``job_id``: count it, and call off an abandonment (a resume within the grace)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incr(self.readers(job_id))
+            pipe.expire(self.readers(job_id), max(1, int(ttl_s)))
+            pipe.zrem(self.abandoned, job_id)
+            await pipe.execute()
+
+    async def detach(self, job_id: str, cancel_at: float | None) -> None:
+        """A reader stops following; the last one, leaving before the job's end (``cancel_at`` given),
+        abandons it. One script, so a reader attaching meanwhile on another front end is never missed."""
+        keys: list[Any] = [self.readers(job_id), self.abandoned]
+        args: list[Any] = ["" if cancel_at is None else repr(cancel_at), job_id]
+        await self._detach(keys=keys, args=args)
+
+    @property
+    def _detach(self) -> Any:
+        if self._detach_script is None:
+            self._detach_script = self.client.register_script(_DETACH)
+        return self._detach_script
+
+    async def cancel_abandoned(self, now: float, ttl_s: float, limit: int = 100) -> int:
+        """Cancel jobs abandoned past their grace; any front end's sweeper may run it (ZREM decides who)."""
+        due = await self.client.zrangebyscore(self.abandoned, "-inf", now, start=0, num=limit)
+        cancelled = 0
+        for raw in due:
+            job_id = _text(raw)
+            if await self.client.zrem(self.abandoned, job_id):  # else a resume (or another sweeper) took it
+                await self.cancel(job_id, "abandoned", ttl_s)
+                cancelled += 1
+        return cancelled
+
     async def read_results(
         self, job_id: str, after: str = "0-0", block_ms: int = 1000, max_wait_s: float = 60.0
     ) -> AsyncIterator[tuple[str, Chunk]]:
@@ -183,6 +236,14 @@ class RedisStreams:
     async def last_chunk(self, job_id: str) -> Chunk | None:
         reply: Any = await self.client.xrevrange(self.results(job_id), count=1)
         return Chunk.from_fields(_decode(reply[0][1])) if reply else None
+
+    async def resume_point(self, job_id: str) -> tuple[Chunk | None, str | None]:
+        """The job's last chunk and its cancel cause (None: not cancelled), in one round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(self.results(job_id), count=1)
+            pipe.get(self.cancel_key(job_id))
+            last, cause = await pipe.execute()
+        return (Chunk.from_fields(_decode(last[0][1])) if last else None), (None if cause is None else _text(cause))
 
     async def write(self, job_id: str, chunk: Chunk) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
@@ -232,8 +293,9 @@ class RedisStreams:
         await self.ack(entry_id)
         await self.count("dead_lettered")
 
-    async def commit_step(self, step: StepWrites) -> None:
-        """A worker step's writes in one round trip (a pipeline runs in order: chunks before acks)."""
+    async def commit_step(self, step: StepWrites) -> dict[str, str]:
+        """A worker step's writes in one round trip (a pipeline runs in order: chunks before acks), and
+        which of ``step.watch`` were cancelled (job id → cause): one MGET more in the same round trip."""
         async with self.client.pipeline(transaction=False) as pipe:
             for job_id, chunk in step.chunks:
                 self.write_into(pipe, job_id, chunk)
@@ -242,7 +304,13 @@ class RedisStreams:
                 step.count(f"deliveries:{min(deliveries, 4)}")
             for name, n in step.counts.items():
                 self.count_into(pipe, name, n)
-            await pipe.execute()
+            if step.watch:
+                pipe.mget([self.cancel_key(job_id) for job_id in step.watch])
+            replies = await pipe.execute()
+        if not step.watch:
+            return {}
+        causes = zip(step.watch, replies[-1], strict=True)
+        return {job_id: _text(cause) for job_id, cause in causes if cause is not None}
 
     async def leave(self, consumer: str) -> None:
         """Leave the live-worker set (a clean exit; a crashed worker ages out of it)."""
@@ -332,6 +400,17 @@ class RedisStreams:
         # and keeping it costs one entry.
         trimmed: int = await self.client.xtrim(self.jobs, minid=floor, approximate=False)
         return trimmed
+
+
+# KEYS: readers count, abandoned set; ARGV: when to cancel ('' = the reader saw the end), job id.
+_DETACH = """
+local left = redis.call('DECR', KEYS[1])
+if left <= 0 then
+  redis.call('DEL', KEYS[1])
+  if ARGV[1] ~= '' then redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2]) end
+end
+return left
+"""
 
 
 def _text(value: Any) -> str:

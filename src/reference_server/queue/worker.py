@@ -7,6 +7,12 @@ and refreshes the claim on its own running jobs well within that time (``XCLAIM 
 not count as a delivery), so a long job is never taken from a live worker. A worker that takes a job over
 reads the last chunk written and resumes after it: the models are deterministic, so the continuation is
 exactly what the first worker would have sent, and the client sees every token once.
+
+Cancellation: a front end marks a job cancelled (its client sent ``cancel``, or went away and did not
+come back within the grace period). Each step's write round trip also reads the marks of the jobs still
+running (one ``MGET`` in the same pipeline: no extra round trip), so a cancelled job writes a final
+``cancelled`` chunk at its next step and is acknowledged. A job found cancelled when it starts — new,
+restarted or reclaimed — is ended the same way without generating anything.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import ResponseError
 
 from reference_server.queue.backend import JobQueue
-from reference_server.queue.jobs import EVENT_KINDS, BadJob, Chunk, Job, StepWrites
+from reference_server.queue.jobs import EVENT_KINDS, BadJob, Chunk, Job, StepWrites, cancelled_end
 from reference_server.queue.redis_streams import UNREACHABLE
 
 # One job's token source: given the job and how many tokens were already sent, yields the rest of its
@@ -200,7 +206,11 @@ class Worker:
         now = self.clock()
         step = StepWrites()
         still = [state for state in running if state.advance(step, now)]
-        await self.streams.commit_step(step)
+        step.watch = [state.job.id for state in still]
+        cancelled = await self.streams.commit_step(step)
+        for state in still:
+            if (cause := cancelled.get(state.job.id)) is not None:
+                state.cancel = cause
         return still
 
     async def _start(
@@ -243,10 +253,12 @@ class Worker:
         return kept
 
     async def _resume(self, entry_id: str, job: Job, deliveries: int) -> _Running:
-        last = await self.streams.last_chunk(job.id)
+        last, cause = await self.streams.resume_point(job.id)
         if last is not None and last.final:  # finished before a crash: only acknowledge
             return _Running(entry_id, job, iter(()), last.seq, deliveries, done=True)
         sent = 0 if last is None else last.next_seq
+        if cause is not None:  # cancelled before it started (or before a reclaim): end it, never run it
+            return _Running(entry_id, job, iter(()), sent, deliveries, cancel=cause)
         return _Running(entry_id, job, self.tokens(job, sent), sent, deliveries)
 
 
@@ -258,6 +270,7 @@ class _Running:
     seq: int
     deliveries: int = 1
     done: bool = False
+    cancel: str | None = None  # the cause, once the job is found cancelled: it ends at its next step
     claimed_at: float = field(default_factory=time.monotonic)  # when it was delivered or last refreshed
     wait: float = 0.0
     _next: Chunk | None = None
@@ -273,7 +286,11 @@ class _Running:
         """Add this job's next chunk to ``step``; False once it ended (its acknowledgement added too)."""
         if not self.done:
             chunk = self._next
-            if now > self.job.deadline:
+            if self.cancel is not None:
+                step.chunks.append((self.job.id, cancelled_end(self.seq, self.cancel)))
+                step.count("cancelled")
+                step.count(f"cancelled:{self.cancel}")
+            elif now > self.job.deadline:
                 step.chunks.append((self.job.id, Chunk(self.seq, "error", "timeout", "the job passed its deadline")))
                 step.count("expired")
             elif chunk is None or chunk.final:
