@@ -58,7 +58,7 @@ async def generate_queued(
         ref = model_ref(state, model)
         lease = await state.admission.lease_shared(client)
         job_id = secrets.token_hex(12)
-        if not await front.submit(front.job(job_id, ref, prompt, max_tokens, seed), client):
+        if not await front.submit(front.job(job_id, ref, prompt, max_tokens, seed), client, reader=stream):
             raise Conflict(f"job id {job_id!r} is taken; try again")
     except RequestError as exc:
         await state.admission.release_shared(lease)
@@ -115,7 +115,7 @@ class _Answer:
         The last batch is yielded after the job's results are no longer followed, so a consumer that
         stops at the final chunk leaves nothing behind."""
         last = [self._failure("timeout", f"no result for job {self.job_id!r} within its time limit")]
-        async with self.front.follow(self.job_id, "0-0", grace_s=grace_s) as feed:
+        async with self.front.follow(self.job_id, "0-0", grace_s=grace_s, attached=True) as feed:
             for _ in range(int((self.front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
                 if self.front.stopping:
                     last = [self._failure("shutdown", "the server is shutting down")]

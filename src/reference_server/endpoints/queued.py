@@ -64,7 +64,7 @@ async def stream(request: Request) -> Response:
             state.metrics.resumes.child("resumed").inc()
         else:
             job = front.job(job_id, model, body.prompt, body.max_tokens, body.seed)
-            if not await front.submit(job, client):
+            if not await front.submit(job, client, reader=True):
                 raise Conflict(f"request_id {job_id!r} names a job that is running or whose results are kept")
     except RequestError as exc:
         await state.admission.release_shared(lease)
@@ -73,7 +73,7 @@ async def stream(request: Request) -> Response:
         raise
     after = resume[1] if resume else "0-0"
     prompt_tokens = count_prompt_tokens(body.prompt)
-    events = _events(state, front, job_id, after, model.partition("@")[0], prompt_tokens)
+    events = _events(state, front, job_id, after, model.partition("@")[0], prompt_tokens, resume is None)
     return QueuedResponse(state, events, lease, {"X-Request-Id": job_id})
 
 
@@ -110,7 +110,7 @@ def _header_request_id(request: Request) -> str | None:
 
 
 async def _events(
-    state: ServerState, front: QueueFront, job_id: str, after: str, model: str, prompt_tokens: int
+    state: ServerState, front: QueueFront, job_id: str, after: str, model: str, prompt_tokens: int, new_job: bool
 ) -> AsyncIterator[bytes]:
     settings = state.settings
     pings = state.metrics.heartbeats.child("sse")
@@ -122,7 +122,7 @@ async def _events(
     # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
     max_silent_reads = int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)
     grace_s = settings.queue_cancel_grace_s
-    async with front.follow(job_id, after, grace_s=grace_s) as feed:
+    async with front.follow(job_id, after, grace_s=grace_s, attached=new_job) as feed:
         while silent_reads < max_silent_reads:
             if front.stopping:
                 message = f"the server is shutting down; resume with Last-Event-ID: {prefix}{last}"

@@ -60,7 +60,8 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
     try:
         with anyio.CancelScope() as scope:
             session.queued[request_id] = scope
-            await _pump(session, front, request_id, job_id, after_seq, model, prompt_tokens)
+            new_job = isinstance(msg, WsGenerate)
+            await _pump(session, front, request_id, job_id, after_seq, model, prompt_tokens, new_job)
         if scope.cancelled_caught:  # the client's ``cancel``: the job stops too
             await front.cancel(job_id, "client_cancel")
             await session.send({
@@ -82,7 +83,7 @@ async def _open(
     if isinstance(msg, WsGenerate):
         model = model_ref(state, msg.model)
         job_id = secrets.token_hex(8)
-        if not await front.submit(front.job(job_id, model, msg.prompt, msg.max_tokens, msg.seed), client):
+        if not await front.submit(front.job(job_id, model, msg.prompt, msg.max_tokens, msg.seed), client, reader=True):
             raise Conflict(f"job id {job_id!r} is taken; try again")
         prompt_tokens = count_prompt_tokens(msg.prompt)
         await front.remember(alias, orjson.dumps([job_id, model, prompt_tokens]).decode())
@@ -97,11 +98,12 @@ async def _open(
 
 
 async def _pump(
-    session: _Session, front: QueueFront, request_id: str, job_id: str, after_seq: int, model: str, prompt_tokens: int
-) -> None:
+    session: _Session, front: QueueFront, request_id: str, job_id: str, after_seq: int, model: str,
+    prompt_tokens: int, new_job: bool,
+) -> None:  # fmt: skip
     # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
     grace_s = session.state.settings.queue_cancel_grace_s
-    async with front.follow(job_id, "0-0", grace_s=grace_s) as feed:
+    async with front.follow(job_id, "0-0", grace_s=grace_s, attached=new_job) as feed:
         for _ in range(int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
             if front.stopping:
                 await _end(session, request_id, "shutdown", "the server is shutting down; resume on another front end")

@@ -82,14 +82,15 @@ class QueueFront:
     def job(self, job_id: str, model: str, prompt: str, max_tokens: int | None, seed: int | None) -> Job:
         return Job(job_id, model, prompt, max_tokens, seed, self.clock() + self.job_ttl_s, self.progress_every)
 
-    async def submit(self, job: Job, owner: str) -> bool:
+    async def submit(self, job: Job, owner: str, *, reader: bool = False) -> bool:
         """Enqueue ``job``; False when its id is taken (a job with that id runs or its results are kept).
+        ``reader``: the caller will follow it with ``attached=True`` (counted as a reader at once).
 
         Raises:
             QueueUnavailable: Redis cannot be reached.
         """
         try:  # the workers make the consumer group (from id 0): jobs enqueued before it are still read
-            return await self.streams.enqueue(job, owner) is not None
+            return await self.streams.enqueue(job, owner, reader) is not None
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(self.url, exc) from None
 
@@ -143,16 +144,18 @@ class QueueFront:
         return True
 
     @contextlib.asynccontextmanager
-    async def follow(self, job_id: str, after: str, *, grace_s: float | None = None) -> AsyncIterator[Feed]:
+    async def follow(
+        self, job_id: str, after: str, *, grace_s: float | None = None, attached: bool = False
+    ) -> AsyncIterator[Feed]:
         """A feed of ``job_id``'s result chunks after stream id ``after``: through the shared reader on
         Redis, by direct reads on the in-process queue (they cost no connection there).
 
         With ``grace_s`` the feed counts as one of the job's readers: attaching calls off a pending
         abandonment (a resume), and the last reader leaving before the job's final chunk abandons the
         job, which is cancelled ``grace_s`` later unless a reader attaches first (0: at the next sweep,
-        for streams nobody can resume).
+        for streams nobody can resume). ``attached``: ``submit(reader=True)`` counted this reader already.
         """
-        if grace_s is not None:
+        if grace_s is not None and not attached:
             await self._mark(self.streams.attach(job_id, self.cancel_ttl_s), job_id)
         if self.reader is None:
             feed: _DirectFeed | _SharedFeed = _DirectFeed(self, job_id, after)

@@ -92,7 +92,7 @@ class MemoryQueue:
 
     # --- front end ------------------------------------------------------------------------------------
 
-    async def enqueue(self, job: Job, owner: str = "") -> str | None:
+    async def enqueue(self, job: Job, owner: str = "", reader: bool = False) -> str | None:
         now = time.time()
         held = self._owners.get(job.id)
         if held is not None and held[1] > now:
@@ -102,6 +102,8 @@ class MemoryQueue:
         self._jobs[entry_id] = job.fields()
         self._undelivered.append(entry_id)
         self._deadlines[job.id] = job.deadline
+        if reader:
+            self._readers[job.id] = self._readers.get(job.id, 0) + 1
         await self.count("enqueued")
         self._new_job.set()
         self._new_job = asyncio.Event()

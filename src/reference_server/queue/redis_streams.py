@@ -128,8 +128,11 @@ class RedisStreams:
 
     # --- front end ------------------------------------------------------------------------------------
 
-    async def enqueue(self, job: Job, owner: str = "") -> str | None:
-        """Add ``job``; None when a job with its id exists (still running or its results still kept)."""
+    async def enqueue(self, job: Job, owner: str = "", reader: bool = False) -> str | None:
+        """Add ``job``; None when a job with its id exists (still running or its results still kept).
+
+        ``reader``: the caller streams the results, and counts as the job's first reader here (the same
+        round trip, instead of an ``attach`` of its own)."""
         keep_s = max(1, int(job.deadline - time.time()) + RESULT_TTL_S)
         if not await self.client.set(self.owner(job.id), owner or "-", nx=True, ex=keep_s):
             return None
@@ -138,6 +141,9 @@ class RedisStreams:
                 pipe.xadd(self.jobs, job.fields())  # type: ignore[arg-type]  # redis-py's field type is too narrow
                 pipe.zadd(self.deadlines, {job.id: job.deadline})
                 pipe.hincrby(self.shared_counters, "enqueued", 1)
+                if reader:
+                    pipe.incr(self.readers(job.id))
+                    pipe.expire(self.readers(job.id), keep_s)
                 entry_id, *_ = await pipe.execute()
         except BaseException:
             with contextlib.suppress(*UNREACHABLE):  # free the id for a retry, if Redis still answers
