@@ -19,6 +19,10 @@ How to read the output
                     each token
     jobs/s          completed streams a second in the throughput phase (all must end with ``done``)
 
+    step check  ``--step-check N``: only this. A worker step's write round trip (one chunk for each of N
+                running jobs, on Redis) timed with and without reading their cancel marks in the same
+                pipeline (one ``MGET``): what noticing a cancel costs each step, median of 2,000 steps.
+
     connections ``--connections N``: only this. A queue front end with no worker, N streams held open
                 (their jobs wait), then the front end's TCP connections to Redis are counted
                 (/proc, Linux): what N concurrent streams cost Redis in connections.
@@ -26,6 +30,7 @@ How to read the output
 Usage
     .venv/bin/python benchmarks/queue_mode.py [--seconds 5] [--clients 32] [--tokens 64] [--workers 1]
                                               [--redis redis://127.0.0.1:6379/0] [--connections N]
+                                              [--step-check N]
 """
 
 from __future__ import annotations
@@ -211,6 +216,27 @@ def measure_connections(args: argparse.Namespace, cli: list[str], prefix: str) -
                 proc.stdout.close()
 
 
+async def step_check(url: str, prefix: str, jobs: int, steps: int = 2000) -> tuple[float, float]:
+    """Median seconds of a step's commit round trip without and with the cancel check (alternating)."""
+    from reference_server.queue import Chunk, RedisStreams, StepWrites, connect
+
+    streams = RedisStreams(connect(url), prefix)
+    ids = [f"j{i}" for i in range(jobs)]
+    await streams.cancel(ids[-1], "client_cancel", 60)  # one mark to find, as under a cancelling load
+    plain: list[float] = []
+    checked: list[float] = []
+    try:
+        for n in range(steps):
+            for watch, into in (([], plain), (ids, checked)):
+                step = StepWrites(chunks=[(i, Chunk(n, "token", "x")) for i in ids], watch=watch)
+                started = time.perf_counter()
+                await streams.commit_step(step)
+                into.append(time.perf_counter() - started)
+    finally:
+        await streams.close()
+    return statistics.median(plain), statistics.median(checked)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -219,12 +245,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--connections", type=int, default=0, help="only count Redis connections for N streams")
+    parser.add_argument("--step-check", type=int, default=0, help="only time a step's cancel check for N jobs")
     args = parser.parse_args()
     cli = [sys.executable, "-m", "infer_bench.cli"]
     prefix = f"inferbench-bench-{uuid.uuid4().hex[:8]}"
     try:
         if args.connections:
             measure_connections(args, cli, prefix)
+            return
+        if args.step_check:
+            plain, checked = asyncio.run(step_check(args.redis, prefix, args.step_check))
+            print(f"step commit, {args.step_check} jobs: {plain * 1e3:.3f} ms without the cancel check, "
+                  f"{checked * 1e3:.3f} ms with it ({(checked - plain) * 1e3:+.3f} ms a step)")  # fmt: skip
             return
         with tempfile.TemporaryDirectory() as tmp:
             for label, model in MODELS.items():
