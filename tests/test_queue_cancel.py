@@ -97,6 +97,7 @@ async def _cancel_stops_the_running_job(queue: JobQueue) -> None:
     assert await _pending(queue) == 0
     figures = await queue.figures(time.time())
     assert (figures["count:cancelled"], figures["count:cancelled:client_cancel"]) == (1, 1)
+    assert (queue.counters.cancelled, queue.counters.completed) == (1, 1)
 
 
 @pytest.mark.anyio

@@ -63,6 +63,7 @@ class QueueCounters:
     enqueued: int = 0
     completed: int = 0
     failed: int = 0  # ended by the model's error (model_error, unknown_model)
+    cancelled: int = 0  # stopped early: its client cancelled or abandoned it
     reclaimed: int = 0
     dead_lettered: int = 0
     expired: int = 0
