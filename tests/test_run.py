@@ -217,11 +217,11 @@ def test_unreachable_target_is_reported_before_the_run(tmp_path: Path) -> None:
     "path", sorted(p for p in SCENARIOS.glob("*.yaml") if not p.name.startswith("sweep-")), ids=lambda p: p.stem
 )
 def test_example_scenarios_validate_and_run_briefly(path: Path, tmp_path: Path) -> None:
-    scenario = load_scenario(path, {"DURATION": "3s", "RATE": "20", "RAMP": "1s"})
+    scenario = load_scenario(path, {"DURATION": "2s", "RATE": "20", "RAMP": "1s"})
     if scenario.target != "reference":
         pytest.skip(f"{path.name} targets {scenario.target}")
     short = parse_scenario(path.read_text(), source=str(path), base_dir=path.parent,
-                           env={"DURATION": "3s", "RATE": "20", "RAMP": "1s"})  # fmt: skip
+                           env={"DURATION": "2s", "RATE": "20", "RAMP": "1s"})  # fmt: skip
     result, code = run_scenario(short, out=tmp_path / "r.json")
     assert code == 0
     assert result["headline"]["succeeded"] > 0
