@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 from trio.testing import MockClock
 
 from reference_server.serve import EmbeddedServer
@@ -37,3 +44,56 @@ def start_server() -> Iterator[Callable[..., EmbeddedServer]]:
 def server(start_server: Callable[..., EmbeddedServer]) -> EmbeddedServer:
     """A reference server with default settings."""
     return start_server()
+
+
+# --- Redis, for queue mode ------------------------------------------------------------------------
+
+
+def _ping(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    default = "redis://127.0.0.1:6379/0"
+    if _ping(default):
+        yield default
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        reason = "no Redis on 127.0.0.1:6379 and no redis-server binary to start one"
+        if os.environ.get("INFERBENCH_REQUIRE_REDIS") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            if _ping(url):
+                break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of the test's own, its keys deleted afterwards."""
+    name = f"inferbench-test-{uuid.uuid4().hex[:12]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{name}:*"))
+    if keys:
+        client.delete(*keys)

@@ -30,9 +30,9 @@ from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings, TokensModelSpec, load_settings
 from serverkit import SseBlock, collect, recv, send
 from test_queue_frontend import Queue, read_stream
-from test_queue_redis import WORKER_SCRIPT, redis_url, streams
+from test_queue_redis import WORKER_SCRIPT, streams
 
-__all__ = ["redis_url", "streams"]  # fixtures, imported to be found
+__all__ = ["streams"]  # a fixture, imported to be found
 
 pytestmark = pytest.mark.slow
 

@@ -29,9 +29,6 @@ from reference_server.queue.redis_streams import GROUP
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import load_settings
 from serverkit import SseBlock, collect, open_socket, recv, send, sse_blocks
-from test_queue_redis import redis_url
-
-__all__ = ["redis_url"]  # a fixture, imported to be found
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,6 @@ from polling import wait_until
 from reference_server.queue import Chunk, Job, RedisStreams, Worker
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
-from test_queue_redis import redis_url
-
-__all__ = ["redis_url"]  # a fixture, imported to be found
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,6 @@ from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
 from test_e2e_openai import openai_client
 from test_queue_frontend import Queue, expected_tokens
-from test_queue_redis import redis_url
-
-__all__ = ["redis_url"]  # a fixture, imported to be found
 
 pytestmark = pytest.mark.slow
 

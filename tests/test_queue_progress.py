@@ -18,9 +18,6 @@ from reference_server.queue.model_source import ModelSource
 from reference_server.settings import ServerSettings, load_settings
 from serverkit import collect, open_socket, send
 from test_queue_frontend import Queue, expected_tokens, read_stream
-from test_queue_redis import redis_url
-
-__all__ = ["redis_url"]  # a fixture, imported to be found
 
 
 @pytest.fixture

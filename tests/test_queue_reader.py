@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -23,9 +22,6 @@ from reference_server.queue.reader import Follower, ResultReader
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
 from serverkit import sse_blocks
-from test_queue_redis import redis_url
-
-__all__ = ["redis_url"]  # a fixture, imported to be found
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +29,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    name = f"inferbench-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{name}:*"))
-    if keys:
-        client.delete(*keys)
 
 
 @pytest.fixture

@@ -8,13 +8,11 @@ lease whose front end died lapses. No worker runs: a job nobody takes keeps its 
 from __future__ import annotations
 
 import socket
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
 from websockets.sync.client import ClientConnection, connect
 
@@ -26,9 +24,6 @@ from reference_server.queue.shared_limits import RedisLimits
 from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings
 from serverkit import recv, send, sse_blocks
-from test_queue_redis import redis_url
-
-__all__ = ["redis_url"]  # a fixture, imported to be found
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +34,6 @@ BODY = {"prompt": "shared limits", "max_tokens": 5}
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    name = f"inferbench-test-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{name}:*"))
-    if keys:
-        client.delete(*keys)
 
 
 def front_end(redis_url: str, prefix: str, **limits: Any) -> EmbeddedServer:

@@ -15,9 +15,9 @@ from reference_server.models.tokens import TokensModel
 from reference_server.queue import Chunk, Job, JobBucket, RedisStreams
 from reference_server.queue.model_source import ModelSource
 from reference_server.settings import ServerSettings, TokensModelSpec
-from test_queue_redis import anyio_backend, collect, redis_url, streams
+from test_queue_redis import anyio_backend, collect, streams
 
-__all__ = ["anyio_backend", "redis_url", "streams"]  # fixtures, imported to be found
+__all__ = ["anyio_backend", "streams"]  # fixtures, imported to be found
 
 
 def _job(prompt: str = "the quick brown fox", max_tokens: int | None = 12, seed: int | None = 7) -> Job:
