@@ -75,6 +75,32 @@ async def test_one_read_feeds_every_follower_its_own_chunks_in_order(redis_url: 
 
 
 @pytest.mark.anyio
+async def test_a_follower_that_does_not_read_holds_a_bounded_backlog_and_later_gets_it_all(
+    redis_url: str, streams: RedisStreams
+) -> None:
+    """A slow client's backlog waits in Redis: the front end holds at most its capacity (plus one read)."""
+    reader = ResultReader(streams, redis_url, block_ms=200)
+    task = asyncio.create_task(reader.run())
+    try:
+        slow = await reader.follow("s", "0-0")
+        slow.capacity = 4
+        brisk = await reader.follow("s", "0-0")  # reads as it goes: the slow one must not hold it back
+        for seq in range(40):
+            await streams.write("s", Chunk(seq, "token", f"t{seq}"))
+            if seq % 8 == 7:  # writes come in several reads, each a chance to overfill the slow one
+                assert await drain(brisk, seq) == list(range(seq - 7, seq + 1))
+        await asyncio.sleep(0.5)  # the reader's chances to hand the slow follower more than its room
+        assert slow.full
+        assert slow.held <= 4 + 8  # its capacity, plus what came in the read that filled it
+        assert await drain(slow, 39) == list(range(40))  # reading makes room; the rest comes from Redis
+        assert slow.held == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await reader.close()
+
+
+@pytest.mark.anyio
 async def test_a_follower_resuming_mid_stream_gets_only_what_follows(redis_url: str, streams: RedisStreams) -> None:
     for seq in range(3):
         await streams.write("r", Chunk(seq, "token", f"t{seq}"))

@@ -31,15 +31,32 @@ from reference_server.queue.redis_streams import RedisStreams, _decode, _id_key,
 log = logging.getLogger("reference_server.queue")
 
 _RETRY_S = 0.2  # after a failed read: Redis is away; followers were told
+FOLLOWER_CAPACITY = 1024  # chunks a follower may hold unread; the rest waits in Redis, not in memory
 
 
 @dataclass(eq=False)
 class Follower:
-    """One stream's view of a job's results: chunks after ``last`` arrive in ``inbox`` (or an exception)."""
+    """One stream's view of a job's results: chunks after ``last`` arrive in ``inbox`` (or an exception).
+
+    A follower that holds ``capacity`` chunks unread is full: the reader leaves it out of its reads, so a
+    slow client's backlog stays in Redis, where it is anyway, and the front end holds a bounded amount.
+    """
 
     job_id: str
     last: str
+    reader: ResultReader | None = None
+    capacity: int = FOLLOWER_CAPACITY
+    held: int = 0  # chunks in ``inbox``
     inbox: asyncio.Queue[list[tuple[str, Chunk]] | BaseException] = field(default_factory=asyncio.Queue)
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.capacity
+
+    def take(self, chunks: list[tuple[str, Chunk]]) -> None:
+        self.last = chunks[-1][0]
+        self.held += len(chunks)
+        self.inbox.put_nowait(chunks)
 
     async def next(self, timeout_s: float) -> list[tuple[str, Chunk]]:
         """The next chunks, [] if none came within ``timeout_s``.
@@ -53,6 +70,10 @@ class Follower:
             return []
         if isinstance(got, BaseException):
             raise got
+        was_full = self.full
+        self.held -= len(got)
+        if was_full and not self.full and self.reader is not None:
+            await self.reader.rejoin()  # read for it again
         return got
 
 
@@ -83,12 +104,16 @@ class ResultReader:
 
     async def follow(self, job_id: str, after: str) -> Follower:
         """Follow ``job_id``'s results after stream id ``after``; wakes a read under way to include it."""
-        follower = Follower(job_id, after)
+        follower = Follower(job_id, after, self)
         self.followers.setdefault(job_id, set()).add(follower)
+        await self.rejoin()
+        return follower
+
+    async def rejoin(self) -> None:
+        """A follower joined or has room again: wake a read under way (or an idle reader) to include it."""
         self._generation += 1
         self._joined.set()
         await self._wake(self._generation)
-        return follower
 
     def unfollow(self, follower: Follower) -> None:
         group = self.followers.get(follower.job_id)
@@ -117,12 +142,13 @@ class ResultReader:
         while True:
             if task is not None and task.cancelling():  # a cancel redis-py's read swallowed (seen on 3.11)
                 raise asyncio.CancelledError
-            if not self.followers:
+            positions = self._positions()
+            if not positions:  # nobody to read for, or every follower full
                 self._joined.clear()
                 await self._joined.wait()
                 continue
             try:
-                reply = await self._read()
+                reply = await self._read(positions)
             except (RedisError, OSError) as exc:
                 self._conn_id = None
                 for group in self.followers.values():
@@ -132,14 +158,19 @@ class ResultReader:
                 continue
             self._dispatch(reply)
 
-    async def _read(self) -> Any:
+    def _positions(self) -> dict[Any, Any]:
+        """Where to read each followed stream from: the earliest position of its followers with room."""
+        positions: dict[Any, Any] = {}
+        for job_id, group in self.followers.items():
+            open_ = [f.last for f in group if not f.full]
+            if open_:
+                positions[self.streams.results(job_id)] = min(open_, key=_id_key)
+        return positions
+
+    async def _read(self, positions: dict[Any, Any]) -> Any:
         conn = self.connection
         if self._conn_id is None:
             self._conn_id = int(await conn.client_id())
-        positions: dict[Any, Any] = {
-            self.streams.results(job_id): min((f.last for f in group), key=_id_key)
-            for job_id, group in self.followers.items()
-        }
         self._reading = self._generation
         try:
             return await conn.xread(positions, count=256, block=self.block_ms)
@@ -159,11 +190,12 @@ class ResultReader:
                 except BadJob:  # not written by a worker of ours: nothing a client could use
                     log.warning("skipped a malformed result chunk of %s: %s", _text(key), fields)
             for follower in group:
+                if follower.full:
+                    continue  # it is read for again once it has room
                 floor = _id_key(follower.last)
                 new = [(i, c) for i, c in chunks if _id_key(i) > floor]
                 if new:
-                    follower.last = new[-1][0]
-                    follower.inbox.put_nowait(new)
+                    follower.take(new)
 
     async def close(self) -> None:
         if self._conn is not None:
