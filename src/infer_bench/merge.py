@@ -249,3 +249,29 @@ def _stored_thresholds(parts: Sequence[Mapping[str, Any]]) -> tuple[Threshold, .
             else:
                 parsed.append(parse_threshold(key, str(entry)))
     return tuple(parsed)
+
+
+def explain_stop(
+    merged: dict[str, Any], *, dead: Sequence[str], count: int, timed_out: Sequence[str],
+    interrupted_by: str | None, aborted: bool, abort_reason: str | None,
+) -> None:  # fmt: skip
+    """Set the merged status and stop reason from what happened to the run as a whole (dead shards,
+    shards stopped at the time limit, the parent's own interruption, a shard's abort)."""
+    reasons: list[str] = []
+    if dead:
+        merged["status"] = "interrupted"
+        reasons += dead
+        reasons.append(f"the result holds {count - len(dead)} of {count} shards")
+    if timed_out:
+        merged["status"] = "interrupted"
+        reasons.append(f"{', '.join(timed_out)} overran the time limit and was stopped")
+    if interrupted_by is not None:
+        merged["status"] = "interrupted"
+        reasons.insert(0, interrupted_by)
+    elif aborted and not reasons:
+        # The other shards were stopped by the abort: the run as a whole was aborted, not interrupted.
+        merged["status"] = "aborted"
+        if abort_reason is not None:
+            reasons.append(abort_reason)
+    if reasons:
+        merged["stop_reason"] = "; ".join(reasons)

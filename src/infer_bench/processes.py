@@ -33,7 +33,7 @@ from typing import Any
 
 from infer_bench.clients.requests import Target
 from infer_bench.errors import RunAborted, UsageError
-from infer_bench.merge import merge_results
+from infer_bench.merge import explain_stop, merge_results
 from infer_bench.result import check_writable, load_result, write_result
 from infer_bench.runner import check_reachable, check_reference_settings, exit_code, reference_server
 from infer_bench.scenario import ConstantArrivalRate, RampingArrivalRate, Scenario
@@ -301,24 +301,12 @@ def _collect(children: list[Child]) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _explain(merged: dict[str, Any], outcome: Supervision, dead: list[str], count: int) -> None:
-    """The merged status and stop reason, saying what happened to the run as a whole."""
-    reasons: list[str] = []
-    if dead:
-        merged["status"] = "interrupted"
-        reasons += dead
-        reasons.append(f"the result holds {count - len(dead)} of {count} shards")
-    if outcome.timed_out:
-        merged["status"] = "interrupted"
-        reasons.append(f"{', '.join(c.label for c in outcome.timed_out)} overran the time limit and was stopped")
-    if outcome.interrupted_by is not None:
-        merged["status"] = "interrupted"
-        reasons.insert(0, outcome.interrupted_by)
-    elif outcome.aborted_by is not None and not reasons:
-        # The other shards were stopped by the abort: the run as a whole was aborted, not interrupted.
-        merged["status"] = "aborted"
-        for part in merged["shards"]["parts"]:
-            if part["status"] == "aborted":
-                reasons.append(f"{part['stop_reason']} (shard {part['shard']})")
-                break
-    if reasons:
-        merged["stop_reason"] = "; ".join(reasons)
+    abort_reason = None
+    if outcome.aborted_by is not None:
+        aborted = (p for p in merged["shards"]["parts"] if p["status"] == "aborted")
+        abort_reason = next((f"{p['stop_reason']} (shard {p['shard']})" for p in aborted), None)
+    explain_stop(
+        merged, dead=dead, count=count, timed_out=[c.label for c in outcome.timed_out],
+        interrupted_by=outcome.interrupted_by, aborted=outcome.aborted_by is not None,
+        abort_reason=abort_reason,
+    )  # fmt: skip

@@ -31,7 +31,7 @@ from typing import Any
 
 from infer_bench.clients.requests import Target
 from infer_bench.errors import RunAborted, UsageError
-from infer_bench.merge import merge_results
+from infer_bench.merge import explain_stop, merge_results
 from infer_bench.processes import check_shardable, progress_line, signals_caught, time_limit_s
 from infer_bench.result import check_writable, write_result
 from infer_bench.runner import (
@@ -325,21 +325,12 @@ def _kill_all(ray: Any, handles: list[Any]) -> None:
 
 
 def _explain(merged: dict[str, Any], outcome: _Outcome, dead: list[str], count: int) -> None:
-    """The merged status and stop reason, saying what happened to the run as a whole."""
-    reasons: list[str] = []
-    if dead:
-        merged["status"] = "interrupted"
-        reasons += dead
-        reasons.append(f"the result holds {count - len(dead)} of {count} shards")
-    if outcome.timed_out:
-        merged["status"] = "interrupted"
-        reasons.append(f"{', '.join(a.label for a in outcome.timed_out)} overran the time limit and was stopped")
-    if outcome.interrupted_by is not None:
-        merged["status"] = "interrupted"
-        reasons.insert(0, outcome.interrupted_by)
-    elif outcome.aborted_by is not None and not reasons:
-        merged["status"] = "aborted"  # the other shards were stopped by the abort: the run as a whole aborted
-        reasons.append(f"{outcome.aborted_by.result and outcome.aborted_by.result.get('stop_reason')} "
-                       f"(shard {outcome.aborted_by.shard})")  # fmt: skip
-    if reasons:
-        merged["stop_reason"] = "; ".join(reasons)
+    aborted_by = outcome.aborted_by
+    abort_reason = None
+    if aborted_by is not None:
+        abort_reason = f"{aborted_by.result and aborted_by.result.get('stop_reason')} (shard {aborted_by.shard})"
+    explain_stop(
+        merged, dead=dead, count=count, timed_out=[a.label for a in outcome.timed_out],
+        interrupted_by=outcome.interrupted_by, aborted=outcome.aborted_by is not None,
+        abort_reason=abort_reason,
+    )  # fmt: skip
