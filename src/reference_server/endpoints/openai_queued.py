@@ -27,7 +27,7 @@ from starlette.responses import Response
 from reference_server.admission import Lease, SharedLease
 from reference_server.endpoints.common import JSONResponse, ServerState, client_of, state_of
 from reference_server.endpoints.openai import DONE, _ChunkShape, _data
-from reference_server.endpoints.queued import QueuedResponse, model_ref
+from reference_server.endpoints.queued import QueuedResponse, model_ref, refused
 from reference_server.errors import Conflict, Overloaded, RequestError
 from reference_server.models.tokens import count_prompt_tokens
 from reference_server.queue.front import READ_BLOCK_MS, QueueFront
@@ -61,9 +61,7 @@ async def generate_queued(
         if not await front.submit(front.job(job_id, ref, prompt, max_tokens, seed), client, reader=stream):
             raise Conflict(f"job id {job_id!r} is taken; try again")
     except RequestError as exc:
-        await state.admission.release_shared(lease)
-        if isinstance(exc, Overloaded):
-            state.metrics.rejections.child(exc.reason).inc()
+        await refused(state, lease, exc)
         raise
     shape = _ChunkShape(("chatcmpl-" if chat else "cmpl-") + job_id, model, int(time.time()), chat)
     answer = _Answer(state, front, job_id, shape, count_prompt_tokens(prompt))

@@ -67,14 +67,19 @@ async def stream(request: Request) -> Response:
             if not await front.submit(job, client, reader=True):
                 raise Conflict(f"request_id {job_id!r} names a job that is running or whose results are kept")
     except RequestError as exc:
-        await state.admission.release_shared(lease)
-        if isinstance(exc, Overloaded):
-            state.metrics.rejections.child(exc.reason).inc()
+        await refused(state, lease, exc)
         raise
     after = resume[1] if resume else "0-0"
     prompt_tokens = count_prompt_tokens(body.prompt)
     events = _events(state, front, job_id, after, model.partition("@")[0], prompt_tokens, resume is None)
     return QueuedResponse(state, events, lease, {"X-Request-Id": job_id})
+
+
+async def refused(state: ServerState, lease: Lease | SharedLease | None, exc: RequestError) -> None:
+    """A queued request refused after its admission: give its lease back; count an overload refusal."""
+    await state.admission.release_shared(lease)
+    if isinstance(exc, Overloaded):
+        state.metrics.rejections.child(exc.reason).inc()
 
 
 def model_ref(state: ServerState, name: str | None) -> str:

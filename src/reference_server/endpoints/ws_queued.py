@@ -21,8 +21,8 @@ import orjson
 from redis.exceptions import RedisError
 
 from reference_server.endpoints.common import ServerState
-from reference_server.endpoints.queued import end_payload_of, event_payload_of, model_ref
-from reference_server.errors import Conflict, Overloaded, RequestError
+from reference_server.endpoints.queued import end_payload_of, event_payload_of, model_ref, refused
+from reference_server.errors import Conflict, RequestError
 from reference_server.models.tokens import count_prompt_tokens
 from reference_server.queue.front import READ_BLOCK_MS, QueueFront
 from reference_server.resume import ResumeUnavailable
@@ -49,10 +49,8 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
         lease = await state.admission.lease_shared(session.client)
         job_id, after_seq, model, prompt_tokens = await _open(front, session.client, msg, state)
     except RequestError as exc:
-        await state.admission.release_shared(lease)
+        await refused(state, lease, exc)
         session.in_flight.pop(request_id, None)
-        if isinstance(exc, Overloaded):
-            state.metrics.rejections.child(exc.reason).inc()
         if isinstance(exc, ResumeUnavailable):
             state.metrics.resumes.child("unavailable").inc()
         await session.refuse(request_id, exc)
