@@ -34,6 +34,14 @@ PROMPT = "tell me about hot swaps"
 BOUND_S = 20.0
 
 
+@pytest.fixture(params=["direct", "queued"])
+def start_server(request: pytest.FixtureRequest, start_server: StartServer) -> StartServer:
+    """Every test here runs on both serving paths: the engines directly, and jobs on the in-process queue
+    (routed at enqueue: each job runs the version its request was routed to)."""
+    queue_url = None if request.param == "direct" else "memory://"
+    return lambda **settings: start_server(**{"queue_url": queue_url, **settings})
+
+
 @pytest.fixture
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=httpx.Timeout(BOUND_S), trust_env=False) as client:

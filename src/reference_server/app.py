@@ -93,8 +93,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                 await tg.start(state.queue.run)
                 if admission.shared is not None:
                     tg.start_soon(admission.keep_shared_leases)
-                if state.queue.in_process:  # --queue memory://: the workers are tasks of this process
-                    tg.start_soon(run_in_process, settings, state.queue.streams)
+                if state.queue.models is not None:  # the in-process queue: its worker is a task of this process
+                    tg.start_soon(run_in_process, settings, state.queue.streams, state.queue.models)
             state.ready = True
             try:
                 yield

@@ -44,7 +44,7 @@ async def generate_queued(
     Raises:
         RateLimited, TooManyStreams: the client's shared limits.
         Overloaded: Redis unreachable (``queue_unavailable``) or the server draining.
-        UnknownModel, InvalidRequest: ``model`` is not a ``tokens`` model of the settings.
+        UnknownModel, InvalidRequest: ``model`` is not a generation model of the server.
     """
     state = state_of(request)
     front = state.queue
@@ -55,7 +55,7 @@ async def generate_queued(
         await state.admission.check_rate_shared(client)
         if state.draining:
             raise Overloaded("the server is shutting down", reason="draining")
-        ref = model_ref(state, model)
+        ref = model_ref(state, model, client)
         lease = await state.admission.lease_shared(client)
         job_id = secrets.token_hex(12)
         if not await front.submit(front.job(job_id, ref, prompt, max_tokens, seed), client, reader=stream):
@@ -65,7 +65,7 @@ async def generate_queued(
         raise
     shape = _ChunkShape(("chatcmpl-" if chat else "cmpl-") + job_id, model, int(time.time()), chat)
     answer = _Answer(state, front, job_id, shape, count_prompt_tokens(prompt))
-    headers = {"X-Request-Id": job_id}
+    headers = {"X-Request-Id": job_id, "X-Model-Version": ref.partition("@")[2]}
     if stream:
         return QueuedResponse(state, answer.events(include_usage), lease, headers)
     try:

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from reference_server.admission import Lease, SharedLease
 from reference_server.endpoints.common import ServerState, client_of, read_json, state_of
 from reference_server.endpoints.streaming import SseResponse
-from reference_server.errors import Conflict, InvalidRequest, Overloaded, RequestError, UnknownModel
+from reference_server.errors import Conflict, InvalidRequest, Overloaded, RequestError
 from reference_server.models.tokens import count_prompt_tokens
 from reference_server.queue.front import READ_BLOCK_MS, QueueFront
 from reference_server.queue.jobs import Chunk
@@ -48,7 +48,7 @@ async def stream(request: Request) -> Response:
     if state.draining:
         state.metrics.rejections.child("draining").inc()
         raise Overloaded("the server is shutting down", reason="draining")
-    model = model_ref(state, body.model)
+    model = model_ref(state, body.model, client)
     last_event_id = request.headers.get("last-event-id")
     resume = _parse_event_id(last_event_id) if last_event_id is not None else None
     job_id = resume[0] if resume else body.request_id or _header_request_id(request) or secrets.token_hex(8)
@@ -72,7 +72,10 @@ async def stream(request: Request) -> Response:
     after = resume[1] if resume else "0-0"
     prompt_tokens = count_prompt_tokens(body.prompt)
     events = _events(state, front, job_id, after, model.partition("@")[0], prompt_tokens, resume is None)
-    return QueuedResponse(state, events, lease, {"X-Request-Id": job_id})
+    headers = {"X-Request-Id": job_id}
+    if resume is None:
+        headers["X-Model-Version"] = model.partition("@")[2]
+    return QueuedResponse(state, events, lease, headers)
 
 
 async def refused(state: ServerState, lease: Lease | SharedLease | None, exc: RequestError) -> None:
@@ -82,18 +85,21 @@ async def refused(state: ServerState, lease: Lease | SharedLease | None, exc: Re
         state.metrics.rejections.child(exc.reason).inc()
 
 
-def model_ref(state: ServerState, name: str | None) -> str:
-    """The job's model: a ``tokens`` model of the settings (``name`` or ``name@version``); workers run it."""
-    ref = name or state.settings.model
-    base, _, version = ref.partition("@")
-    specs = [m for m in state.settings.models if m.name == base]
-    if not specs:
-        have = sorted({m.name for m in state.settings.models if m.kind == "tokens"})
-        raise UnknownModel(f"no generation model named {ref!r}; this server has {have}", field="model")
-    if specs[0].kind != "tokens":
-        raise InvalidRequest(f"model {base!r} is a prediction model; use /predict", field="model")
-    if version and version != "latest" and version not in {m.version for m in specs}:
-        raise UnknownModel(f"model {base!r} has no version {version!r}", field="model")
+def model_ref(state: ServerState, name: str | None, client: str) -> str:
+    """The job's model as ``name@version``, routed as a direct stream is (the serving version, a version,
+    ``@latest``, or the client's arm of an A/B split). On the in-process queue the version is pinned for
+    the worker, so a job runs the version it was routed to even across a hot-swap; workers on Redis run
+    the versions of their own settings file (one loaded through /admin on a front end is not theirs).
+
+    Raises:
+        UnknownModel, InvalidRequest: no such generation model or version.
+        Overloaded: the model is still loading, or the server is draining.
+    """
+    model = state.registry.scheduler(name, client).model
+    ref = f"{model.name}@{model.version}"
+    assert state.queue is not None
+    if state.queue.models is not None:
+        state.queue.models.pin(ref, model)
     return ref
 
 
@@ -185,7 +191,7 @@ def end_payload_of(chunk: Chunk, model: str, prompt_tokens: int) -> dict[str, ob
             "completion_tokens": chunk.seq,
             "total_tokens": prompt_tokens + chunk.seq,
         },
-        "model": model,
+        "model": model.partition("@")[0],
         "model_version": chunk.model_version,
     }
     if chunk.kind == "done":

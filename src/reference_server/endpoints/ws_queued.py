@@ -79,7 +79,7 @@ async def _open(
     """Enqueue (generate) or find (resume) the job: its id, the last seq the client has, model, prompt size."""
     alias = _alias(client, msg.id)
     if isinstance(msg, WsGenerate):
-        model = model_ref(state, msg.model)
+        model = model_ref(state, msg.model, client)
         job_id = secrets.token_hex(8)
         if not await front.submit(front.job(job_id, model, msg.prompt, msg.max_tokens, msg.seed), client, reader=True):
             raise Conflict(f"job id {job_id!r} is taken; try again")

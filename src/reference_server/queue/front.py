@@ -34,6 +34,7 @@ from reference_server.metrics import ServerMetrics
 from reference_server.queue.backend import JobQueue
 from reference_server.queue.jobs import CANCEL_CAUSES, Chunk, Job
 from reference_server.queue.memory import MemoryQueue
+from reference_server.queue.model_source import ModelSource
 from reference_server.queue.reader import Follower, ResultReader
 from reference_server.queue.redis_streams import RESULT_TTL_S, RedisStreams, connect
 
@@ -66,12 +67,14 @@ class QueueFront:
 
     reader: ResultReader | None = None  # on Redis: the one reader of every stream this front end follows
     progress_every: int | None = None  # jobs publish progress every this many tokens (queue_progress_every)
+    # In-process: the worker's models, into which each job's routed version is pinned (see ModelSource.pin).
+    models: ModelSource | None = None
 
     @classmethod
     def connect(cls, url: str, prefix: str, job_ttl_s: float) -> QueueFront:
         """On Redis at ``url``, or on an in-process queue for ``memory://`` (see ``queue.memory``)."""
         if url.startswith("memory://"):
-            return cls(MemoryQueue(prefix), url, job_ttl_s)
+            return cls(MemoryQueue(prefix), url, job_ttl_s, models=ModelSource({}))
         streams = RedisStreams(connect(url), prefix)
         return cls(streams, url, job_ttl_s, reader=ResultReader(streams, url, READ_BLOCK_MS))
 

@@ -42,6 +42,12 @@ class ModelSource:
                 models[spec.name] = model  # the last listed version serves, as on the server
         return cls(models)
 
+    def pin(self, ref: str, model: TokensModel) -> None:
+        """Keep ``model`` under ``ref`` (``name@version``): an in-process front end routes a job through the
+        server's registry (versions, A/B splits, hot-swaps) and pins the version it chose, so the job runs
+        on it even if a hot-swap retires that version before the job starts."""
+        self.models.setdefault(ref, model)
+
     def resolve(self, ref: str) -> TokensModel:
         model = self.models.get(ref.removesuffix("@latest"))
         if model is None:

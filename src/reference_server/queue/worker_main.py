@@ -81,20 +81,28 @@ def build_workers(
     for name in names:
         source = ModelSource.from_settings(settings)
         source.warm_up()
-        worker = Worker(
-            streams, name, source, batch_size=settings.max_num_seqs, bucket=bucket,
-            min_idle_ms=settings.queue_reclaim_idle_ms, max_deliveries=settings.queue_max_deliveries,
-        )  # fmt: skip
-        # Redis's BLOCK 0 waits forever; the block only paces an idle loop, it never delays a batch.
-        worker.batch_timeout_ms = max(1, int(settings.batch_timeout_ms)) if settings.batch_timeout_ms else 50
-        worker.on_batch = lambda n, s=source: setattr(s, "running", n)
-        workers.append(worker)
+        workers.append(make_worker(settings, streams, name, source, bucket))
     return workers
 
 
-async def run_in_process(settings: ServerSettings, streams: JobQueue) -> None:
-    """The workers of ``--queue memory://``: one consumer in the server's own process, until cancelled."""
-    (worker,) = build_workers(settings, streams, [f"in-process-{os.getpid()}"])
+def make_worker(
+    settings: ServerSettings, streams: JobQueue, name: str, source: ModelSource, bucket: JobBucket | None = None
+) -> Worker:
+    """A consumer running ``source``'s models, batching as the settings say."""
+    worker = Worker(
+        streams, name, source, batch_size=settings.max_num_seqs, bucket=bucket,
+        min_idle_ms=settings.queue_reclaim_idle_ms, max_deliveries=settings.queue_max_deliveries,
+    )  # fmt: skip
+    # Redis's BLOCK 0 waits forever; the block only paces an idle loop, it never delays a batch.
+    worker.batch_timeout_ms = max(1, int(settings.batch_timeout_ms)) if settings.batch_timeout_ms else 50
+    worker.on_batch = lambda n: setattr(source, "running", n)
+    return worker
+
+
+async def run_in_process(settings: ServerSettings, streams: JobQueue, source: ModelSource) -> None:
+    """The worker of the in-process queue: one consumer in the server's own process, until cancelled. It
+    runs ``source``: the server's own models, into which the front end pins each job's routed version."""
+    worker = make_worker(settings, streams, f"in-process-{os.getpid()}", source)
     await worker.run(asyncio.Event())
 
 
