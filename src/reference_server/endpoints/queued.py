@@ -25,7 +25,7 @@ from reference_server.admission import Lease, SharedLease
 from reference_server.endpoints.common import ServerState, client_of, read_json, state_of
 from reference_server.endpoints.streaming import SseResponse
 from reference_server.errors import Conflict, InvalidRequest, Overloaded, RequestError
-from reference_server.models.tokens import count_prompt_tokens
+from reference_server.models.tokens import TokensModel, count_prompt_tokens
 from reference_server.queue.front import READ_BLOCK_MS, QueueFront
 from reference_server.queue.jobs import Chunk
 from reference_server.schemas import REQUEST_ID, GenerateRequest
@@ -96,6 +96,7 @@ def model_ref(state: ServerState, name: str | None, client: str) -> str:
         Overloaded: the model is still loading, or the server is draining.
     """
     model = state.registry.scheduler(name, client).model
+    assert isinstance(model, TokensModel), "every generation engine of the registry runs a TokensModel"
     ref = f"{model.name}@{model.version}"
     assert state.queue is not None
     if state.queue.models is not None:
