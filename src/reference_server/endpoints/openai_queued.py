@@ -20,7 +20,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -28,9 +27,10 @@ from reference_server.admission import Lease, SharedLease
 from reference_server.endpoints.common import JSONResponse, ServerState, client_of, state_of
 from reference_server.endpoints.openai import DONE, _ChunkShape, _data
 from reference_server.endpoints.queued import QueuedResponse, model_ref, refused
+from reference_server.endpoints.relay import Relay
 from reference_server.errors import Conflict, Overloaded, RequestError
 from reference_server.models.tokens import count_prompt_tokens
-from reference_server.queue.front import READ_BLOCK_MS, QueueFront
+from reference_server.queue.front import QueueFront
 from reference_server.queue.jobs import Chunk
 from reference_server.streams import PING
 
@@ -83,6 +83,7 @@ class _Answer:
 
     def __init__(self, state: ServerState, front: QueueFront, job_id: str, shape: _ChunkShape, prompt_tokens: int):
         self.state, self.front, self.job_id, self.shape, self.prompt_tokens = state, front, job_id, shape, prompt_tokens
+        self.enqueued_at = anyio.current_time()  # made right after the job was enqueued
 
     def usage(self, end: Chunk) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": end.seq,
@@ -103,32 +104,13 @@ class _Answer:
         return {"id": s.id, "object": kind, "created": s.created, "model": s.model, "choices": [choice],
                 "usage": self.usage(end)}  # fmt: skip
 
-    def _failure(self, code: str, message: str) -> Chunk:
-        return Chunk(0, "error", code, message)
-
     async def chunks(self, grace_s: float | None = None) -> AsyncGenerator[list[Chunk], None]:
-        """The job's chunks as they come ([] after each silent read), to the final one; ends in an error
-        chunk of our own if Redis goes away, the server stops, or nothing comes in the job's time.
-
-        The last batch is yielded after the job's results are no longer followed, so a consumer that
-        stops at the final chunk leaves nothing behind."""
-        last = [self._failure("timeout", f"no result for job {self.job_id!r} within its time limit")]
-        async with self.front.follow(self.job_id, "0-0", grace_s=grace_s, attached=True) as feed:
-            for _ in range(int((self.front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
-                if self.front.stopping:
-                    last = [self._failure("shutdown", "the server is shutting down")]
-                    break
-                try:
-                    got = [chunk for _, chunk in await feed.next()]
-                except (RedisError, OSError) as exc:
-                    self.state.metrics.rejections.child("queue_unavailable").inc()
-                    last = [self._failure("queue_unavailable", f"the job queue is unreachable ({exc})")]
-                    break
-                if got and got[-1].final:
-                    last = got
-                    break
-                yield got
-        yield last
+        """The job's chunks as they come ([] on each heartbeat tick), to the final one (see ``Relay``)."""
+        state = self.state
+        relay = Relay(self.front, self.job_id, "sse", state.settings, state.metrics, self.enqueued_at, grace_s=grace_s)
+        async with contextlib.aclosing(relay.batches()) as batches:
+            async for got in batches:
+                yield [chunk for _, chunk in got]
 
     async def collect(self) -> tuple[str, Chunk]:
         texts: list[str] = []
@@ -145,16 +127,12 @@ class _Answer:
         s = self.shape
         if s.chat:
             yield _data(s.chunk(None, role=True))
-        silent = 0
-        heartbeat_reads = max(1, int(self.state.settings.heartbeat_s * 1000 / READ_BLOCK_MS))
         async with contextlib.aclosing(self.chunks(grace_s=0)) as batches:
             async for got in batches:
                 if not got:
-                    silent += 1
-                    if silent % heartbeat_reads == 0:
-                        yield PING
+                    self.state.metrics.heartbeats.child("sse").inc()
+                    yield PING
                     continue
-                silent = 0
                 out = bytearray()
                 for chunk in got:
                     if chunk.kind == "token":

@@ -10,23 +10,25 @@ and a resume after that reads the tokens made until then and a ``cancelled`` end
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import anyio
 import orjson
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from reference_server.admission import Lease, SharedLease
 from reference_server.endpoints.common import ServerState, client_of, read_json, state_of
+from reference_server.endpoints.relay import Relay
 from reference_server.endpoints.streaming import SseResponse
 from reference_server.errors import Conflict, InvalidRequest, Overloaded, RequestError
 from reference_server.models.tokens import TokensModel, count_prompt_tokens
-from reference_server.queue.front import READ_BLOCK_MS, QueueFront
+from reference_server.queue.front import QueueFront
 from reference_server.queue.jobs import Chunk
 from reference_server.schemas import REQUEST_ID, GenerateRequest
 from reference_server.streams import PING, error_event, sse_event
@@ -128,49 +130,31 @@ async def _events(
     pings = state.metrics.heartbeats.child("sse")
     yield b"retry: %d\n\n" % settings.sse_retry_ms
     prefix = job_id + ":"
-    last = after
-    silent_reads = 0
-    heartbeat_reads = max(1, int(settings.heartbeat_s * 1000 / READ_BLOCK_MS))
-    # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
-    max_silent_reads = int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)
-    grace_s = settings.queue_cancel_grace_s
-    async with front.follow(job_id, after, grace_s=grace_s, attached=new_job) as feed:
-        while silent_reads < max_silent_reads:
-            if front.stopping:
-                message = f"the server is shutting down; resume with Last-Event-ID: {prefix}{last}"
-                yield error_event("shutdown", message)
-                return
-            try:
-                got = await feed.next()
-            except (RedisError, OSError) as exc:
-                state.metrics.rejections.child("queue_unavailable").inc()
-                message = f"the job queue is unreachable ({exc}); resume with Last-Event-ID: {prefix}{last}"
-                yield error_event("queue_unavailable", message)
-                return
+    enqueued_at = anyio.current_time() if new_job else None
+    relay = Relay(front, job_id, "sse", settings, state.metrics, enqueued_at, after, settings.queue_cancel_grace_s)
+    async with contextlib.aclosing(relay.batches()) as batches:
+        async for got in batches:
             if not got:
-                silent_reads += 1
-                if silent_reads % heartbeat_reads == 0:
-                    pings.inc()
-                    yield PING
+                pings.inc()
+                yield PING
                 continue
-            silent_reads = 0
             out = bytearray()
             for stream_id, chunk in got:
-                last = stream_id
                 if chunk.kind == "token":
                     data = orjson.dumps({"token": chunk.data, "seq": chunk.seq})
                     out += sse_event(data, event="token", event_id=prefix + stream_id)
-                    continue
-                if not chunk.final:  # progress, log, complete: numbered and resumable like tokens
-                    data = orjson.dumps(event_payload_of(chunk))
-                    out += sse_event(data, event=chunk.kind, event_id=prefix + stream_id)
-                    continue
-                end = end_payload_of(chunk, model, prompt_tokens)
-                out += sse_event(orjson.dumps(end), event="done" if chunk.kind == "done" else "error")
-                yield bytes(out)
-                return
+                elif not chunk.final:  # progress, log, complete: numbered and resumable like tokens
+                    out += sse_event(
+                        orjson.dumps(event_payload_of(chunk)), event=chunk.kind, event_id=prefix + stream_id
+                    )
+                else:
+                    if not stream_id and chunk.data in ("shutdown", "queue_unavailable"):  # the job goes on
+                        chunk = replace(
+                            chunk, message=f"{chunk.message}; resume with Last-Event-ID: {prefix}{relay.last}"
+                        )
+                    end = end_payload_of(chunk, model, prompt_tokens)
+                    out += sse_event(orjson.dumps(end), event="done" if chunk.kind == "done" else "error")
             yield bytes(out)
-    yield error_event("timeout", f"no result for job {job_id!r} within its time limit")
 
 
 def event_payload_of(chunk: Chunk) -> dict[str, object]:
@@ -201,7 +185,7 @@ def end_payload_of(chunk: Chunk, model: str, prompt_tokens: int) -> dict[str, ob
         body["error"] = chunk.data
         body["message"] = chunk.message or chunk.data
         if chunk.data == "timeout":
-            body["kind"] = "total"
+            body["kind"] = chunk.detail or "total"
     return body
 
 

@@ -12,19 +12,21 @@ socket that closes mid-generation abandons its jobs: each is cancelled ``queue_c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import anyio
 import orjson
-from redis.exceptions import RedisError
 
 from reference_server.endpoints.common import ServerState
 from reference_server.endpoints.queued import end_payload_of, event_payload_of, model_ref, refused
+from reference_server.endpoints.relay import Relay
 from reference_server.errors import Conflict, RequestError
 from reference_server.models.tokens import count_prompt_tokens
-from reference_server.queue.front import READ_BLOCK_MS, QueueFront
+from reference_server.queue.front import QueueFront
 from reference_server.resume import ResumeUnavailable
 from reference_server.schemas import WsGenerate, WsResume
 
@@ -99,20 +101,13 @@ async def _pump(
     session: _Session, front: QueueFront, request_id: str, job_id: str, after_seq: int, model: str,
     prompt_tokens: int, new_job: bool,
 ) -> None:  # fmt: skip
-    # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
-    grace_s = session.state.settings.queue_cancel_grace_s
-    async with front.follow(job_id, "0-0", grace_s=grace_s, attached=new_job) as feed:
-        for _ in range(int((front.job_ttl_s + 60) * 1000 / READ_BLOCK_MS)):
-            if front.stopping:
-                await _end(session, request_id, "shutdown", "the server is shutting down; resume on another front end")
-                return
-            try:
-                got = await feed.next()
-            except (RedisError, OSError) as exc:
-                message = f"the job queue is unreachable ({exc}); resume later"
-                await _end(session, request_id, "queue_unavailable", message)
-                return
-            for _, chunk in got:
+    state = session.state
+    enqueued_at = anyio.current_time() if new_job else None
+    grace_s = state.settings.queue_cancel_grace_s
+    relay = Relay(front, job_id, "websocket", state.settings, state.metrics, enqueued_at, grace_s=grace_s)
+    async with contextlib.aclosing(relay.batches()) as batches:
+        async for got in batches:  # [] on heartbeat ticks: the socket has its own pings
+            for stream_id, chunk in got:
                 if not chunk.final:
                     # After a resume, events numbered just after last_seq are sent again: an event at
                     # seq k follows token k - 1, and whether the client saw it is unknown.
@@ -126,11 +121,8 @@ async def _pump(
                     if not await session.send(out):
                         return  # the peer is gone
                     continue
+                if chunk.data == "shutdown" and not stream_id:  # the relay's end: the job goes on
+                    chunk = replace(chunk, message=chunk.message + "; resume on another front end")
                 kind = "done" if chunk.kind == "done" else "error"
                 await session.send({"type": kind, "id": request_id, **end_payload_of(chunk, model, prompt_tokens)})
                 return
-    await _end(session, request_id, "timeout", f"no result for {request_id!r} within its time limit")
-
-
-async def _end(session: _Session, request_id: str, code: str, message: str) -> None:
-    await session.send({"type": "error", "id": request_id, "done": True, "error": code, "message": message})

@@ -127,9 +127,9 @@ class QueueFront:
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(self.url, exc) from None
 
-    async def read(self, job_id: str, after: str) -> list[tuple[str, Chunk]]:
-        """Result chunks after stream id ``after`` (waits up to ``READ_BLOCK_MS``); RedisError passes up."""
-        return await self.streams.read_after(job_id, after, READ_BLOCK_MS)
+    async def read(self, job_id: str, after: str, wait_ms: int = READ_BLOCK_MS) -> list[tuple[str, Chunk]]:
+        """Result chunks after stream id ``after`` (waits up to ``wait_ms``); RedisError passes up."""
+        return await self.streams.read_after(job_id, after, wait_ms)
 
     @property
     def cancel_ttl_s(self) -> float:
@@ -223,8 +223,8 @@ class QueueFront:
 class Feed(Protocol):
     ended: bool  # a final chunk was handed out: the reader saw the job's end
 
-    async def next(self) -> list[tuple[str, Chunk]]:
-        """The next chunks, [] after ``READ_BLOCK_MS`` without any.
+    async def next(self, wait_ms: int = READ_BLOCK_MS) -> list[tuple[str, Chunk]]:
+        """The next chunks, [] after ``wait_ms`` without any.
 
         Raises:
             RedisError, OSError: Redis cannot be reached.
@@ -239,8 +239,8 @@ class _DirectFeed:
     last: str
     ended: bool = False
 
-    async def next(self) -> list[tuple[str, Chunk]]:
-        got = await self.front.read(self.job_id, self.last)
+    async def next(self, wait_ms: int = READ_BLOCK_MS) -> list[tuple[str, Chunk]]:
+        got = await self.front.read(self.job_id, self.last, wait_ms)
         if got:
             self.last = got[-1][0]
             self.ended = self.ended or any(chunk.final for _, chunk in got)
@@ -252,8 +252,8 @@ class _SharedFeed:
     follower: Follower
     ended: bool = False
 
-    async def next(self) -> list[tuple[str, Chunk]]:
-        got = await self.follower.next(READ_BLOCK_MS / 1000)
+    async def next(self, wait_ms: int = READ_BLOCK_MS) -> list[tuple[str, Chunk]]:
+        got = await self.follower.next(wait_ms / 1000)
         self.ended = self.ended or any(chunk.final for _, chunk in got)
         return got
 

@@ -66,6 +66,7 @@ class Chunk:
     data: str  # the token text, the finish reason, the error kind (timeout, ...), or an event's JSON
     message: str = ""  # error and log chunks: what happened, for the client
     model_version: str = ""  # final chunks: the version that ran the job
+    detail: str = ""  # timeout chunks: which limit passed (first_token, inactivity, total)
 
     def fields(self) -> dict[str, str]:
         out = {"seq": str(self.seq), "kind": self.kind, "data": self.data}
@@ -73,6 +74,8 @@ class Chunk:
             out["message"] = self.message
         if self.model_version:
             out["model_version"] = self.model_version
+        if self.detail:
+            out["detail"] = self.detail
         return out
 
     @classmethod
@@ -83,7 +86,7 @@ class Chunk:
         try:
             return cls(
                 int(fields["seq"]), _KINDS[kind], fields.get("data", ""),
-                fields.get("message", ""), fields.get("model_version", ""),
+                fields.get("message", ""), fields.get("model_version", ""), fields.get("detail", ""),
             )  # fmt: skip
         except (KeyError, ValueError) as exc:
             raise BadJob(f"not a result chunk: {exc!r}") from None
@@ -113,12 +116,14 @@ class StepWrites:
         self.counts[name] = self.counts.get(name, 0) + n
 
 
-# Why a job was cancelled: its client sent ``cancel``, or it went away and no reader came back in time.
-CancelCause = Literal["client_cancel", "abandoned"]
-CANCEL_CAUSES: tuple[CancelCause, ...] = ("client_cancel", "abandoned")
+# Why a job was cancelled: its client sent ``cancel``, went away and no reader came back in time, or its
+# stream passed a time limit.
+CancelCause = Literal["client_cancel", "abandoned", "timeout"]
+CANCEL_CAUSES: tuple[CancelCause, ...] = ("client_cancel", "abandoned", "timeout")
 _CANCEL_MESSAGES: dict[str, str] = {
     "client_cancel": "the client cancelled the job",
     "abandoned": "the client went away and no reader came back within the grace period",
+    "timeout": "the client's stream passed a time limit",
 }
 
 

@@ -12,6 +12,7 @@ the same on both backends. Everything runs on one event loop: no locks; blocking
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -154,7 +155,8 @@ class MemoryQueue:
         results = self._results.setdefault(job_id, _Results())
         floor = _key(after)
         for _ in range(2):  # once now; once more after a wait for a write
-            got = [(i, c) for i, c in results.entries if _key(i) > floor]
+            # Ids increase along the list: a bisection, not a scan (a reader of a long stream reads often).
+            got = results.entries[bisect.bisect_right(results.entries, floor, key=lambda e: _key(e[0])) :]
             if got or block_ms <= 0:
                 return got
             try:
