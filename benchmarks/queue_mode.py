@@ -222,7 +222,7 @@ async def step_check(url: str, prefix: str, jobs: int, steps: int = 2000) -> tup
 
     streams = RedisStreams(connect(url), prefix)
     ids = [f"j{i}" for i in range(jobs)]
-    await streams.cancel(ids[-1], "client_cancel", 60)  # one mark to find, as under a cancelling load
+    await streams.cancel(ids[-1], "cancel", 60)  # one mark to find, as under a cancelling load
     plain: list[float] = []
     checked: list[float] = []
     try:

@@ -85,7 +85,7 @@ async def _cancel_stops_the_running_job(queue: JobQueue) -> None:
     worker = Worker(queue, "w", slow_tokens, batch_size=4, batch_timeout_ms=20)
     task = asyncio.create_task(worker.process(await worker._read(">")))
     await _until_seq(queue, "c", 3)
-    await queue.cancel("c", "client_cancel", 60)
+    await queue.cancel("c", "cancel", 60)
     await asyncio.wait_for(task, 10)  # the batch ends: "other" finished, "c" stopped
     chunks = await _results(queue, "c")
     end = chunks[-1]
@@ -96,7 +96,7 @@ async def _cancel_stops_the_running_job(queue: JobQueue) -> None:
     assert (other[-1].kind, other[-1].seq) == ("done", 30)  # a job of the same batch is untouched
     assert await _pending(queue) == 0
     figures = await queue.figures(time.time())
-    assert (figures["count:cancelled"], figures["count:cancelled:client_cancel"]) == (1, 1)
+    assert (figures["count:cancelled"], figures["count:cancelled:cancel"]) == (1, 1)
     assert (queue.counters.cancelled, queue.counters.completed) == (1, 1)
 
 
@@ -122,7 +122,7 @@ class _Recording:
 
 
 async def _reclaimed_cancelled_job_is_not_run(queue: JobQueue, cut: Chunk) -> None:
-    await queue.cancel("k", "client_cancel", 60)
+    await queue.cancel("k", "cancel", 60)
     source = _Recording([])
     rescuer = Worker(queue, "rescuer", source, min_idle_ms=200)
     for _ in range(100):
@@ -136,7 +136,7 @@ async def _reclaimed_cancelled_job_is_not_run(queue: JobQueue, cut: Chunk) -> No
     assert [c.seq for c in chunks[:-1]] == list(range(cut.seq + 1))  # nothing after the cut but the end
     assert (chunks[-1].kind, chunks[-1].data, chunks[-1].seq) == ("error", "cancelled", cut.seq + 1)
     assert await _pending(queue) == 0
-    assert (await queue.figures(time.time()))["count:cancelled:client_cancel"] == 1
+    assert (await queue.figures(time.time()))["count:cancelled:cancel"] == 1
 
 
 @pytest.mark.anyio
@@ -224,7 +224,7 @@ def _tokens(blocks: list[SseBlock]) -> list[int]:
 
 def test_a_websocket_cancel_stops_the_job_and_a_resume_reads_its_cancelled_end(served: Served) -> None:
     with httpx.Client(timeout=10, trust_env=False) as http:
-        before = served.metric(http, CANCELLED % "client_cancel")
+        before = served.metric(http, CANCELLED % "cancel")
         with open_socket_at(served.url) as ws:
             send(ws, {"type": "generate", "id": "ws-cancel", "prompt": "stop me", "max_tokens": LONG})
             assert [recv(ws)["seq"] for _ in range(3)] == [0, 1, 2]
@@ -240,7 +240,7 @@ def test_a_websocket_cancel_stops_the_job_and_a_resume_reads_its_cancelled_end(s
         made = end["usage"]["completion_tokens"]
         assert made < 200  # of LONG: the worker stopped
         assert [m["seq"] for m in rest[:-1]] == list(range(3, made))
-        wait_until(lambda: served.metric(http, CANCELLED % "client_cancel") == before + 1, timeout_s=5)
+        wait_until(lambda: served.metric(http, CANCELLED % "cancel") == before + 1, timeout_s=5)
         wait_until(lambda: served.metric(http, PENDING) == 0, timeout_s=5)
 
 

@@ -180,3 +180,50 @@ def test_websocket_generations_go_through_the_queue_and_resume_from_another_sock
             assert rest[-1]["usage"]["completion_tokens"] < 2000
             send(ws, {"type": "resume", "id": "nope"})
             assert (recv(ws)["error"]) == "resume_unavailable"
+
+
+@pytest.mark.slow
+def test_queued_streams_keep_the_direct_paths_time_limits_queue_bound_and_metrics() -> None:
+    slow = TokensModelSpec(base_ms=0, per_seq_ms=0, prefill_ms=1000, per_input_token_ms=0)
+    settings = ServerSettings(
+        queue_url="memory://", models=[slow], first_token_timeout_s=0.2, max_num_seqs=1, max_queue=1,
+        graceful_shutdown_s=1,
+    )  # fmt: skip
+    with EmbeddedServer(settings) as server, httpx.Client(timeout=10) as http:
+        timed_out = _stream(http, server.url, {"prompt": "slow", "max_tokens": 4}, {})
+        assert [b.event for b in timed_out if b.event] == ["error"]
+        body = timed_out[-1].json()
+        assert (body["error"], body["kind"], body["usage"]["completion_tokens"]) == ("timeout", "first_token", 0)
+        metrics = server.state.metrics
+        assert metrics.timeouts.child("first_token").value == 1
+        assert metrics.sequences.child("timeout").value == 1
+        front = server.state.queue
+        assert front is not None
+        wait_until(lambda: front.figures.get("count:cancelled:timeout") == 1)  # the worker is free again
+        # The worker holds one job (its prefill takes 1 s), one waits; a third is refused with queue_full.
+        with http.stream("POST", server.url + "/v1/stream", json={"prompt": "a", "max_tokens": 2}) as running:
+            assert running.status_code == 200
+            wait_until(lambda: front.figures.get("pending") == 1)
+            with http.stream("POST", server.url + "/v1/stream", json={"prompt": "b", "max_tokens": 2}) as waiting:
+                assert waiting.status_code == 200
+                refused = http.post(server.url + "/v1/stream", json={"prompt": "c", "max_tokens": 2})
+        assert refused.status_code == 503
+        assert (refused.json()["reason"], int(refused.headers["retry-after"]) >= 1) == ("queue_full", True)
+        assert metrics.rejections.child("queue_full").value == 1
+
+
+@pytest.mark.slow
+def test_queued_streams_record_the_servers_ttft_inter_token_and_outcome_metrics() -> None:
+    spec = TokensModelSpec(base_ms=5, per_seq_ms=0, prefill_ms=0, per_input_token_ms=0)
+    settings = ServerSettings(queue_url="memory://", models=[spec], heartbeat_s=0.05)
+    with EmbeddedServer(settings) as server, httpx.Client(timeout=10) as http:
+        got = _stream(http, server.url, {"prompt": "measured", "max_tokens": 12}, {})
+        assert got[-1].event == "done"
+        metrics = server.state.metrics
+        wait_until(lambda: metrics.sequences.child("finished").value == 1)
+        assert metrics.tokens.child().value == 12
+        assert metrics.ttft.child().count == 1
+        assert 1 <= metrics.itl.child().count <= 11  # tokens read together share one averaged gap
+        assert metrics.e2e.child("generate").count == 1
+        text = http.get(server.url + "/metrics").text
+        assert 'inferbench_sequences_total{outcome="finished"} 1.0' in text

@@ -55,6 +55,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         admission.shared = shared_limits_of(state.queue)
         admission.shared_lease_ttl_s = settings.queue_lease_ttl_s
         state.queue.progress_every = settings.queue_progress_every
+        state.queue.max_waiting = settings.max_queue
         stream_route = queued.stream
 
     routes = [

@@ -63,7 +63,7 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
             new_job = isinstance(msg, WsGenerate)
             await _pump(session, front, request_id, job_id, after_seq, model, prompt_tokens, new_job)
         if scope.cancelled_caught:  # the client's ``cancel``: the job stops too
-            await front.cancel(job_id, "client_cancel")
+            await front.cancel(job_id, "cancel")
             await session.send({
                 "type": "error", "id": request_id, "done": True, "error": "cancelled",
                 "message": "the request was cancelled; its job stops at its next step",

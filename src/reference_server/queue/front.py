@@ -69,6 +69,9 @@ class QueueFront:
     progress_every: int | None = None  # jobs publish progress every this many tokens (queue_progress_every)
     # In-process: the worker's models, into which each job's routed version is pinned (see ModelSource.pin).
     models: ModelSource | None = None
+    # Jobs no worker took yet, past which a new one is refused (max_queue): exact in process; on Redis as
+    # of the last refresh (sweep_interval_s old at most), as a count there costs a round trip per request.
+    max_waiting: int | None = None
 
     @classmethod
     def connect(cls, url: str, prefix: str, job_ttl_s: float) -> QueueFront:
@@ -91,7 +94,12 @@ class QueueFront:
 
         Raises:
             QueueUnavailable: Redis cannot be reached.
+            Overloaded: ``max_waiting`` jobs wait already (``queue_full``).
         """
+        if self.max_waiting is not None:
+            waiting = self.streams.waiting if isinstance(self.streams, MemoryQueue) else self.figures.get("waiting", 0)
+            if waiting >= self.max_waiting:
+                raise Overloaded(f"the job queue is full ({self.max_waiting} jobs waiting)", reason="queue_full")
         try:  # the workers make the consumer group (from id 0): jobs enqueued before it are still read
             return await self.streams.enqueue(job, owner, reader) is not None
         except (RedisError, OSError) as exc:

@@ -118,10 +118,10 @@ class StepWrites:
 
 # Why a job was cancelled: its client sent ``cancel``, went away and no reader came back in time, or its
 # stream passed a time limit.
-CancelCause = Literal["client_cancel", "abandoned", "timeout"]
-CANCEL_CAUSES: tuple[CancelCause, ...] = ("client_cancel", "abandoned", "timeout")
+CancelCause = Literal["cancel", "abandoned", "timeout"]
+CANCEL_CAUSES: tuple[CancelCause, ...] = ("cancel", "abandoned", "timeout")
 _CANCEL_MESSAGES: dict[str, str] = {
-    "client_cancel": "the client cancelled the job",
+    "cancel": "the client cancelled the job",
     "abandoned": "the client went away and no reader came back within the grace period",
     "timeout": "the client's stream passed a time limit",
 }

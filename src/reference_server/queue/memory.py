@@ -165,6 +165,11 @@ class MemoryQueue:
                 return []
         return []
 
+    @property
+    def waiting(self) -> int:
+        """Jobs no consumer took yet."""
+        return len(self._undelivered)
+
     async def expire_jobs(self, now: float, limit: int = 100) -> int:
         """End jobs past their deadline with a timeout chunk; forget expired results and owners."""
         ended = 0

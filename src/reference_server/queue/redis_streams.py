@@ -10,7 +10,7 @@ Keys (under one prefix, so tests and deployments never share state)::
     {p}:workers         sorted set consumer name → last heartbeat (epoch seconds): the live worker count
     {p}:counters        hash of counters every process adds to (reclaimed, dead-lettered, deliveries, ...)
     {p}:alias:{name}    a WebSocket request id's job (per client), for a resume from another socket
-    {p}:cancel:{id}     a cancelled job's cause (client_cancel, abandoned); workers MGET these once a step
+    {p}:cancel:{id}     a cancelled job's cause (cancel, abandoned); workers MGET these once a step
     {p}:readers:{id}    how many readers (streams on any front end) follow a job now
     {p}:abandoned       sorted set job id → when to cancel it: its last reader left; a reader attaching removes it
 
