@@ -227,3 +227,19 @@ def test_queued_streams_record_the_servers_ttft_inter_token_and_outcome_metrics(
         assert metrics.e2e.child("generate").count == 1
         text = http.get(server.url + "/metrics").text
         assert 'inferbench_sequences_total{outcome="finished"} 1.0' in text
+
+
+@pytest.mark.anyio
+async def test_results_read_to_their_end_are_forgotten_and_others_kept_for_a_resume() -> None:
+    queue = MemoryQueue(keep_s=30)
+    for job_id in ("read", "dropped"):
+        await queue.enqueue(_job(job_id, max_tokens=3), "me", reader=True)
+    worker = Worker(queue, "w", tokens_of)
+    await worker.process(await worker._read(">"))
+    for job_id in ("read", "dropped"):
+        assert [c.kind for c in await _collect(queue, job_id)] == ["token", "token", "token", "done"]
+    await queue.detach("read", None)  # its reader saw the end
+    await queue.detach("dropped", time.time() + 30)  # its reader left early
+    assert not await queue.results_kept("read")
+    assert await queue.results_kept("dropped")
+    assert await queue.enqueue(_job("read"), "me") is None  # the id stays taken for keep_s

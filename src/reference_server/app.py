@@ -49,7 +49,9 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     _register_gauges(state)
     stream_route = native.stream
     if settings.queue_url is not None:
-        state.queue = QueueFront.connect(settings.queue_url, settings.queue_prefix, settings.job_ttl_s)
+        state.queue = QueueFront.connect(
+            settings.queue_url, settings.queue_prefix, settings.job_ttl_s, keep_s=settings.resume_ttl_s
+        )
         register_queue_gauges(metrics, state.queue)
         # On Redis every front end takes its clients' tokens and leases from one place (see admission).
         admission.shared = shared_limits_of(state.queue)

@@ -74,10 +74,11 @@ class QueueFront:
     max_waiting: int | None = None
 
     @classmethod
-    def connect(cls, url: str, prefix: str, job_ttl_s: float) -> QueueFront:
-        """On Redis at ``url``, or on an in-process queue for ``memory://`` (see ``queue.memory``)."""
+    def connect(cls, url: str, prefix: str, job_ttl_s: float, keep_s: float = RESULT_TTL_S) -> QueueFront:
+        """On Redis at ``url``, or on an in-process queue for ``memory://`` that keeps finished results
+        ``keep_s`` for a resume (see ``queue.memory``)."""
         if url.startswith("memory://"):
-            return cls(MemoryQueue(prefix), url, job_ttl_s, models=ModelSource({}))
+            return cls(MemoryQueue(prefix, keep_s=keep_s), url, job_ttl_s, models=ModelSource({}))
         streams = RedisStreams(connect(url), prefix)
         return cls(streams, url, job_ttl_s, reader=ResultReader(streams, url, READ_BLOCK_MS))
 

@@ -46,6 +46,11 @@ class MemoryQueue:
 
     prefix: str = "inferbench"
     counters: QueueCounters = field(default_factory=QueueCounters)
+    # How long a finished job's results (and its id) are kept for a resume. Redis keeps them RESULT_TTL_S
+    # for a front end restarted meanwhile; in one process there is none, so the server keeps them as long
+    # as a dropped direct stream (resume_ttl_s). Results a reader took to their end are forgotten at once
+    # (``detach``), as a direct stream written out in full is: under load, memory holds the jobs under way.
+    keep_s: float = RESULT_TTL_S
     _jobs: dict[str, dict[str, str]] = field(default_factory=dict)
     _undelivered: deque[str] = field(default_factory=deque)
     _pending: dict[str, _Pending] = field(default_factory=dict)
@@ -83,8 +88,10 @@ class MemoryQueue:
         results = self._results.setdefault(job_id, _Results())
         results.entries.append((self._next_id(), chunk))
         if chunk.final:
-            results.expires_at = time.time() + RESULT_TTL_S
+            results.expires_at = time.time() + self.keep_s
             self._deadlines.pop(job_id, None)
+            if (held := self._owners.get(job_id)) is not None:
+                self._owners[job_id] = (held[0], results.expires_at)
         results.changed.set()
         results.changed = asyncio.Event()
 
@@ -137,6 +144,10 @@ class MemoryQueue:
         self._readers.pop(job_id, None)
         if cancel_at is not None:
             self._abandoned[job_id] = cancel_at
+        elif (results := self._results.get(job_id)) is not None and results.expires_at is not None:
+            # Its last reader took it to the end: nothing is left to resume. The id stays taken (keep_s).
+            self._results.pop(job_id, None)
+            self._cancels.pop(job_id, None)
 
     async def cancel_abandoned(self, now: float, ttl_s: float, limit: int = 100) -> int:
         due = sorted((at, job_id) for job_id, at in self._abandoned.items() if at <= now)[:limit]
