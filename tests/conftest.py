@@ -26,12 +26,16 @@ def virtual_time() -> tuple[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def start_server() -> Iterator[Callable[..., EmbeddedServer]]:
-    """Start real uvicorn reference servers on free loopback ports; all are stopped after the test."""
+def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., EmbeddedServer]]:
+    """Start real uvicorn reference servers on free loopback ports; all are stopped after the test.
+
+    A test marked ``direct`` gets direct-mode servers (no queue) unless it says otherwise: it tests the
+    engines' own behaviour (their event ids, resume buffer, slow-consumer policy, internals)."""
     started: list[EmbeddedServer] = []
+    defaults: dict[str, Any] = {"queue_url": None} if request.node.get_closest_marker("direct") else {}
 
     def start(**settings: Any) -> EmbeddedServer:
-        server = EmbeddedServer(ServerSettings.model_validate(settings)).start()
+        server = EmbeddedServer(ServerSettings.model_validate({**defaults, **settings})).start()
         started.append(server)
         return server
 

@@ -136,7 +136,8 @@ def test_serve_announces_its_url_and_settings_and_answers_health_checks() -> Non
     with serving("--max-num-seqs", "8") as served:
         assert int(served.url.rsplit(":", 1)[1]) > 0  # --port 0 picked a real port and printed it
         assert served.settings_line == (
-            "models=echo,tokens default=tokens batch_size=32 batch_timeout_ms=0 max_num_seqs=8 max_queue=1024 workers=1"
+            "models=echo,tokens default=tokens batch_size=32 batch_timeout_ms=0 max_num_seqs=8 max_queue=1024 "
+            "workers=1 queue=memory://"
         )
         with http_client() as http:
             assert http.get(served.url + "/healthz").json() == {"status": "ok"}
@@ -144,6 +145,18 @@ def test_serve_announces_its_url_and_settings_and_answers_health_checks() -> Non
             body = {"prompt": "hello there", "max_tokens": 3}
             events = list(sse_events(http.post(served.url + "/v1/stream", json=body).iter_lines()))
         assert [e for e, _ in events] == ["token", "token", "token", "done"]
+
+
+def test_serve_direct_runs_without_a_queue_and_refuses_a_queue_beside_it() -> None:
+    with serving("--direct") as served:
+        assert served.settings_line.endswith(" queue=none (direct)")
+        with http_client() as http:
+            got = http.post(served.url + "/v1/stream", json={"prompt": "direct", "max_tokens": 2})
+        ids = [line.removeprefix("id: ") for line in got.text.splitlines() if line.startswith("id: ")]
+        assert ids == [got.headers["x-request-id"] + ":0", got.headers["x-request-id"] + ":1"]  # the engines' ids
+    both = run_cli("serve", "--direct", "--queue", "memory://")
+    assert both.returncode == 2
+    assert "--direct and --queue exclude each other" in both.stderr
 
 
 def test_serve_exits_0_on_sigterm() -> None:

@@ -219,6 +219,7 @@ def test_model_fault_without_streaming_answers_502(start_server: StartServer) ->
     assert caught.value.code == "model_error"
 
 
+@pytest.mark.direct
 def test_closing_a_stream_early_cancels_the_generation(start_server: StartServer) -> None:
     server = start_server(models=[ECHO, {"kind": "tokens", "base_ms": 20}], graceful_shutdown_s=2)
     metrics, scheduler = server.state.metrics, server.state.registry.schedulers["tokens"]

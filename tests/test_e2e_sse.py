@@ -38,6 +38,7 @@ def http() -> Iterator[httpx.Client]:
 # --- framing ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.direct
 def test_sse_stream_opens_with_retry_and_numbers_token_ids_in_order(http: httpx.Client, server: EmbeddedServer) -> None:
     got = stream(http, server, {"prompt": PROMPT, "max_tokens": 8, "request_id": "req-1"})
     assert got.blocks[0].retry == server.settings.sse_retry_ms
@@ -78,6 +79,7 @@ def test_sse_without_max_tokens_finishes_with_stop_within_the_model_output_range
         pytest.param("from-body", "from-header", "from-body", id="body-wins-over-header"),
     ],
 )
+@pytest.mark.direct
 def test_sse_x_request_id_header_and_event_ids_use_the_given_request_id(
     http: httpx.Client, server: EmbeddedServer, body_id: str | None, header_id: str | None, expected: str
 ) -> None:
@@ -91,6 +93,7 @@ def test_sse_x_request_id_header_and_event_ids_use_the_given_request_id(
     assert [b.id for b in got.tokens] == [f"{expected}:0", f"{expected}:1"]
 
 
+@pytest.mark.direct
 def test_sse_without_a_request_id_gets_a_generated_one(http: httpx.Client, server: EmbeddedServer) -> None:
     first = stream(http, server, {"prompt": PROMPT, "max_tokens": 1})
     second = stream(http, server, {"prompt": PROMPT, "max_tokens": 1})
@@ -130,6 +133,7 @@ def test_sse_sends_ping_comments_while_tokens_are_slower_than_the_heartbeat(
     assert got.last.event == "done"
 
 
+@pytest.mark.direct
 def test_sse_injected_model_fault_ends_the_stream_with_an_error_event(
     http: httpx.Client, start_server: StartServer
 ) -> None:
@@ -148,6 +152,7 @@ def test_sse_injected_model_fault_ends_the_stream_with_an_error_event(
 # --- cancellation ----------------------------------------------------------------------------------
 
 
+@pytest.mark.direct
 def test_sse_client_disconnect_mid_stream_cancels_the_generation(http: httpx.Client, start_server: StartServer) -> None:
     server = start_server(models=[ECHO, {"kind": "tokens", "base_ms": 20}], graceful_shutdown_s=2)
     metrics, scheduler = server.state.metrics, server.state.registry.schedulers["tokens"]
@@ -224,6 +229,7 @@ def test_sse_bad_requests_get_a_json_4xx_naming_the_field(
     assert stream(http, server, {"prompt": "x", "max_tokens": 1}).last.event == "done"
 
 
+@pytest.mark.direct
 def test_sse_full_queue_answers_503_with_retry_after(http: httpx.Client, start_server: StartServer) -> None:
     server = start_server(
         max_num_seqs=1, max_queue=1, graceful_shutdown_s=2, models=[ECHO, {"kind": "tokens", "base_ms": 20}]

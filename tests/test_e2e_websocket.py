@@ -102,6 +102,7 @@ def test_ws_cancel_of_an_unknown_id_is_ignored(ws: ClientConnection) -> None:
     assert_socket_still_serves(ws)  # the pong is the very next message: no error for the cancel
 
 
+@pytest.mark.direct
 def test_ws_closing_the_socket_cancels_its_generations(start_server: StartServer) -> None:
     server = start_server(models=[ECHO, SLOW_TOKENS], graceful_shutdown_s=2)
     metrics, scheduler = server.state.metrics, server.state.registry.schedulers["tokens"]

@@ -150,6 +150,7 @@ def resume_sse(http: httpx.Client, server: EmbeddedServer, body: dict[str, Any],
 
 
 @pytest.mark.parametrize("kept", [10, 6], ids=["from-the-last-seen", "from-earlier-replays-the-buffer"])
+@pytest.mark.direct
 def test_sse_resume_with_last_event_id_gives_no_duplicated_or_missing_tokens(
     http: httpx.Client, start_server: StartServer, kept: int
 ) -> None:
@@ -168,6 +169,7 @@ def test_sse_resume_with_last_event_id_gives_no_duplicated_or_missing_tokens(
     wait_until(lambda: len(server.state.resumes) == 0)  # written out in full: forgotten
 
 
+@pytest.mark.direct
 def test_sse_resume_beyond_the_buffer_gets_a_clear_error_event(http: httpx.Client, start_server: StartServer) -> None:
     server = start_server(models=[ECHO, SLOW_TOKENS], resume_buffer=4, stream_buffer=4, graceful_shutdown_s=1)
     read_then_drop(http, server, {**BODY, "request_id": "r2"}, keep=10)
@@ -180,6 +182,7 @@ def test_sse_resume_beyond_the_buffer_gets_a_clear_error_event(http: httpx.Clien
     assert server.state.metrics.resumes.child("gap").value == 1
 
 
+@pytest.mark.direct
 def test_sse_resume_of_an_unknown_stream_is_an_error_event_and_a_bad_id_a_400(
     http: httpx.Client, server: EmbeddedServer
 ) -> None:
@@ -190,6 +193,7 @@ def test_sse_resume_of_an_unknown_stream_is_an_error_event_and_a_bad_id_a_400(
     assert bad.json()["field"] == "Last-Event-ID"
 
 
+@pytest.mark.direct
 def test_sse_only_the_same_client_may_resume_a_stream(http: httpx.Client, start_server: StartServer) -> None:
     server = start_server(models=[ECHO, SLOW_TOKENS], graceful_shutdown_s=1)
     mine = {"X-Client-Id": "me"}

@@ -117,6 +117,7 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
+@pytest.mark.direct
 def test_a_client_that_never_reads_is_dropped_while_everyone_else_streams_on(
     http: httpx.Client, start_server: StartServer
 ) -> None:
@@ -159,6 +160,7 @@ def test_a_client_that_never_reads_is_dropped_while_everyone_else_streams_on(
         sock.close()
 
 
+@pytest.mark.direct
 def test_a_slow_reader_is_warned_once_at_80_percent_before_anything_is_dropped(start_server: StartServer) -> None:
     server = start_server(models=[ECHO, FAST_STEPS], stream_buffer=400, send_timeout_s=BOUND_S, graceful_shutdown_s=1)
     scheduler = server.state.registry.schedulers["tokens"]
@@ -179,6 +181,7 @@ def test_a_slow_reader_is_warned_once_at_80_percent_before_anything_is_dropped(s
     assert server.state.metrics.slow_warnings.child("sse").value == 1
 
 
+@pytest.mark.direct
 def test_a_websocket_that_stops_reading_is_closed_and_counted(start_server: StartServer) -> None:
     server = start_server(models=[ECHO, FAST_STEPS], stream_buffer=2000, send_timeout_s=1.0, graceful_shutdown_s=1)
     scheduler, metrics = server.state.registry.schedulers["tokens"], server.state.metrics

@@ -188,6 +188,7 @@ def test_websocket_idle_socket_gets_application_pings(start_server: StartServer)
     assert server.state.metrics.heartbeats.child("websocket").value >= 2
 
 
+@pytest.mark.direct
 def test_a_websocket_peer_that_vanishes_has_its_generations_stopped_and_counted(start_server: StartServer) -> None:
     server = start_server(models=[ECHO, {"kind": "tokens", "base_ms": 20}], graceful_shutdown_s=1)
     scheduler = server.state.registry.schedulers["tokens"]

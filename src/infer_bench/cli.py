@@ -52,9 +52,13 @@ def serve(
         str | None,
         typer.Option(
             "--queue",
-            help="redis://HOST:PORT/DB: /v1/stream enqueues jobs for `infer-bench worker`s; memory:// in-process",
+            help="Where generation jobs queue: memory:// in-process (default), redis://HOST:PORT/DB for "
+            "`infer-bench worker`s",
         ),
     ] = None,
+    direct: Annotated[
+        bool, typer.Option("--direct", help="No queue: requests run on the engines in their route (direct mode)")
+    ] = False,
 ) -> None:
     """Start the reference server: HTTP, SSE, WebSocket and OpenAI-compatible routes over simulated models."""
     from reference_server import errors as server_errors
@@ -69,12 +73,17 @@ def serve(
         )  # fmt: skip
     except server_errors.ConfigError as exc:
         _fail(ConfigError(str(exc)))
+    if direct:
+        if queue is not None:
+            _fail(ConfigError("--direct and --queue exclude each other: direct mode has no queue"))
+        settings = settings.model_copy(update={"queue_url": None})
 
     def announce(url: str) -> None:
         summary = (
             f"models={','.join(m.name for m in settings.models)} default={settings.model} "
             f"batch_size={settings.batch_size} batch_timeout_ms={settings.batch_timeout_ms:g} "
-            f"max_num_seqs={settings.max_num_seqs} max_queue={settings.max_queue} workers={settings.workers}"
+            f"max_num_seqs={settings.max_num_seqs} max_queue={settings.max_queue} workers={settings.workers} "
+            f"queue={settings.queue_url or 'none (direct)'}"
         )
         print(f"infer-bench reference server on {url}", flush=True)
         print(summary, flush=True)

@@ -58,6 +58,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         admission.shared_lease_ttl_s = settings.queue_lease_ttl_s
         state.queue.progress_every = settings.queue_progress_every
         state.queue.max_waiting = settings.max_queue
+        state.queue.max_unread = settings.stream_buffer
+        state.queue.keep_read = settings.resume_buffer
         stream_route = queued.stream
 
     routes = [

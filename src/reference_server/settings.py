@@ -138,11 +138,12 @@ class ServerSettings(BaseModel):
     )
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; None = admin routes off")
 
-    # Queue mode: /v1/stream enqueues jobs on Redis Streams and streams what `infer-bench worker`s produce.
+    # Generation requests are jobs on a queue: an in-process one by default (its worker is a task of the
+    # server), or Redis Streams consumed by `infer-bench worker`s. None: direct mode, the engines in the route.
     queue_url: str | None = Field(
-        None,
+        "memory://",
         pattern=r"^(rediss?|memory)://",
-        description="redis://host:port/db of the job queue, or memory:// (in-process); None = direct mode",
+        description="memory:// (in-process, the default), redis://host:port/db, or null for direct mode",
     )
     queue_prefix: str = Field("inferbench", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="key prefix in Redis")
     job_ttl_s: float = Field(600.0, gt=0, le=86_400, description="a queued job not finished by then ends with timeout")

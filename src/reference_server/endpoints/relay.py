@@ -29,10 +29,13 @@ from reference_server.queue.jobs import Chunk
 from reference_server.settings import ServerSettings
 
 # A final chunk's error kind → the outcome label of ``sequences_total`` (the direct path's end reasons).
-_OUTCOMES = {"model_error": "model_error", "timeout": "timeout", "cancelled": "cancelled", "shutdown": "shutdown"}
+_OUTCOMES = {
+    "model_error": "model_error", "timeout": "timeout", "cancelled": "cancelled", "shutdown": "shutdown",
+    "slow_consumer": "slow_consumer",
+}  # fmt: skip
 
 
-@dataclass
+@dataclass(eq=False)  # one per reader: kept in a set by identity
 class Relay:
     """Args:
     enqueued_at: when this request enqueued the job (``anyio.current_time``); None for a resume.
@@ -62,6 +65,7 @@ class Relay:
         tick_s = min(READ_BLOCK_MS / 1000, self.settings.heartbeat_s)
         # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
         give_up_at = anyio.current_time() + self.front.job_ttl_s + 60
+        self.front.readers.add(self)
         try:
             # A new job's reader was counted when it was enqueued (submit(reader=True)); a resume's is now.
             new = self.enqueued_at is not None
@@ -97,8 +101,19 @@ class Relay:
                         next_tick = anyio.current_time() + tick_s
                         yield []
         finally:
+            self.front.readers.discard(self)
             if not self._ended:  # the client left before the end
                 self.metrics.aborts.child(self.transport, "disconnect").inc()
+
+    def fell_behind(self) -> None:
+        """The front end found this reader too far behind and cancels its job (see ``QueueFront``)."""
+        self.metrics.slow_drops.child(self.transport, "buffer_full").inc()
+
+    def stop(self, outcome: str) -> None:
+        """The reader stops following on purpose (a client's ``cancel``): count the end as ``outcome``,
+        not as a reader who went away."""
+        if not self._ended:
+            self._count_end(Chunk(self.seq, "error", outcome, ""))
 
     def _next_limit(self, started: float) -> tuple[str, float]:
         """The next time limit to pass (its kind and when), ``("", inf)`` if none applies."""

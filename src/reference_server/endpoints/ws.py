@@ -26,7 +26,7 @@ from reference_server.batcher import ModelFailed, RequestBatcher
 from reference_server.channels import EndReason, Token
 from reference_server.endpoints.common import ServerState, client_of, invalid_from
 from reference_server.endpoints.streaming import StreamGuard, open_stream, rejoin_stream
-from reference_server.endpoints.ws_queued import run_queued
+from reference_server.endpoints.ws_queued import QueuedReader, run_queued
 from reference_server.errors import InvalidRequest, Overloaded, RateLimited, RequestError
 from reference_server.resume import ResumeUnavailable
 from reference_server.scheduler import GenerationRequest
@@ -58,7 +58,7 @@ class _Session:
         self.tg = tg
         self.lock = anyio.Lock()
         self.in_flight: dict[str, StreamGuard | None] = {}
-        self.queued: dict[str, anyio.CancelScope] = {}  # queue mode: the readers of this socket's jobs
+        self.queued: dict[str, QueuedReader] = {}  # queue mode: the readers of this socket's jobs
         self.gone = False  # the peer went away, or we closed
         self.closed = False  # we sent a close
         self.slow = False  # dropped as a slow consumer

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import anyio
@@ -27,11 +27,24 @@ from reference_server.endpoints.relay import Relay
 from reference_server.errors import Conflict, RequestError
 from reference_server.models.tokens import count_prompt_tokens
 from reference_server.queue.front import QueueFront
+from reference_server.queue.jobs import cancelled_end
 from reference_server.resume import ResumeUnavailable
 from reference_server.schemas import WsGenerate, WsResume
 
 if TYPE_CHECKING:
     from reference_server.endpoints.ws import _Session
+
+
+@dataclass
+class QueuedReader:
+    """A socket's reader of one job: ``cancel`` (the client's message) stops it, counted as cancelled."""
+
+    scope: anyio.CancelScope
+    relay: Relay
+
+    def cancel(self) -> None:
+        self.relay.stop("cancelled")
+        self.scope.cancel()
 
 
 def _alias(client: str, request_id: str) -> str:
@@ -57,17 +70,18 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
             state.metrics.resumes.child("unavailable").inc()
         await session.refuse(request_id, exc)
         return
+    new_job = isinstance(msg, WsGenerate)
+    enqueued_at = anyio.current_time() if new_job else None
+    grace_s = state.settings.queue_cancel_grace_s
+    relay = Relay(front, job_id, "websocket", state.settings, state.metrics, enqueued_at, grace_s=grace_s)
     try:
         with anyio.CancelScope() as scope:
-            session.queued[request_id] = scope
-            new_job = isinstance(msg, WsGenerate)
-            await _pump(session, front, request_id, job_id, after_seq, model, prompt_tokens, new_job)
+            session.queued[request_id] = QueuedReader(scope, relay)
+            await _pump(session, relay, request_id, after_seq, model, prompt_tokens)
         if scope.cancelled_caught:  # the client's ``cancel``: the job stops too
             await front.cancel(job_id, "cancel")
-            await session.send({
-                "type": "error", "id": request_id, "done": True, "error": "cancelled",
-                "message": "the request was cancelled; its job stops at its next step",
-            })  # fmt: skip
+            end = end_payload_of(cancelled_end(relay.seq, "cancel"), model, prompt_tokens)
+            await session.send({"type": "error", "id": request_id, **end})
     finally:
         session.queued.pop(request_id, None)
         session.in_flight.pop(request_id, None)
@@ -98,13 +112,8 @@ async def _open(
 
 
 async def _pump(
-    session: _Session, front: QueueFront, request_id: str, job_id: str, after_seq: int, model: str,
-    prompt_tokens: int, new_job: bool,
-) -> None:  # fmt: skip
-    state = session.state
-    enqueued_at = anyio.current_time() if new_job else None
-    grace_s = state.settings.queue_cancel_grace_s
-    relay = Relay(front, job_id, "websocket", state.settings, state.metrics, enqueued_at, grace_s=grace_s)
+    session: _Session, relay: Relay, request_id: str, after_seq: int, model: str, prompt_tokens: int
+) -> None:
     async with contextlib.aclosing(relay.batches()) as batches:
         async for got in batches:  # [] on heartbeat ticks: the socket has its own pings
             for stream_id, chunk in got:

@@ -33,7 +33,7 @@ from reference_server.errors import Overloaded
 from reference_server.metrics import ServerMetrics
 from reference_server.queue.backend import JobQueue
 from reference_server.queue.jobs import CANCEL_CAUSES, Chunk, Job
-from reference_server.queue.memory import MemoryQueue
+from reference_server.queue.memory import MemoryQueue, entry_key
 from reference_server.queue.model_source import ModelSource
 from reference_server.queue.reader import Follower, ResultReader
 from reference_server.queue.redis_streams import RESULT_TTL_S, RedisStreams, connect
@@ -72,6 +72,11 @@ class QueueFront:
     # Jobs no worker took yet, past which a new one is refused (max_queue): exact in process; on Redis as
     # of the last refresh (sweep_interval_s old at most), as a count there costs a round trip per request.
     max_waiting: int | None = None
+    # In-process: the readers following jobs here, and how many unread results one may leave behind before
+    # its job is cancelled as a slow consumer (stream_buffer). On Redis a backlog waits in Redis instead.
+    readers: set[Backlogged] = field(default_factory=set)
+    max_unread: int | None = None
+    keep_read: int = 256  # in process: read results kept per job for a resume (resume_buffer)
 
     @classmethod
     def connect(cls, url: str, prefix: str, job_ttl_s: float, keep_s: float = RESULT_TTL_S) -> QueueFront:
@@ -204,6 +209,8 @@ class QueueFront:
     async def _sweep(self) -> None:
         while True:
             try:
+                self._trim_read()
+                await self._drop_slow_readers()
                 now = self.clock()
                 await self.streams.expire_jobs(now)
                 await self.streams.cancel_abandoned(now, self.cancel_ttl_s)
@@ -217,6 +224,28 @@ class QueueFront:
                 self.reachable = False
             await anyio.sleep(self.sweep_interval_s)
 
+    def _trim_read(self) -> None:
+        """In process: drop what every reader of a job has read, but the last ``keep_read`` results."""
+        if not isinstance(self.streams, MemoryQueue):
+            return
+        slowest: dict[str, str] = {}
+        for reader in self.readers:
+            held = slowest.get(reader.job_id)
+            if held is None or entry_key(reader.last) < entry_key(held):
+                slowest[reader.job_id] = reader.last
+        for job_id, upto in slowest.items():
+            self.streams.trim_read(job_id, upto, self.keep_read)
+
+    async def _drop_slow_readers(self) -> None:
+        """In process: cancel the job of every reader whose unread results passed ``max_unread``, as the
+        direct path ends a stream whose buffer overflows: the worker stops, so memory holds no more."""
+        if self.max_unread is None or not isinstance(self.streams, MemoryQueue):
+            return
+        for reader in [r for r in self.readers if self.streams.unread(r.job_id, r.last) > (self.max_unread or 0)]:
+            self.readers.discard(reader)
+            reader.fell_behind()
+            await self.cancel(reader.job_id, "slow_consumer")
+
     def describe(self) -> dict[str, object]:
         """For /stats: where the queue is (credentials masked), whether it answers, its last figures."""
         url = re.sub(r"//[^@/]*@", "//***@", self.url)
@@ -227,6 +256,17 @@ class QueueFront:
             if self.reader is not None:
                 await self.reader.close()
             await self.streams.close()
+
+
+class Backlogged(Protocol):
+    """A reader of a job's results, watched for how far behind it falls."""
+
+    job_id: str
+    last: str  # the stream id of the last result it took
+
+    def fell_behind(self) -> None:
+        """Its job is being cancelled as a slow consumer (count it)."""
+        ...
 
 
 class Feed(Protocol):

@@ -116,20 +116,23 @@ class StepWrites:
         self.counts[name] = self.counts.get(name, 0) + n
 
 
-# Why a job was cancelled: its client sent ``cancel``, went away and no reader came back in time, or its
-# stream passed a time limit.
-CancelCause = Literal["cancel", "abandoned", "timeout"]
-CANCEL_CAUSES: tuple[CancelCause, ...] = ("cancel", "abandoned", "timeout")
+# Why a job was cancelled: its client sent ``cancel``, went away and no reader came back in time, its
+# stream passed a time limit, or its reader fell too far behind (in-process queue).
+CancelCause = Literal["cancel", "abandoned", "timeout", "slow_consumer"]
+CANCEL_CAUSES: tuple[CancelCause, ...] = ("cancel", "abandoned", "timeout", "slow_consumer")
 _CANCEL_MESSAGES: dict[str, str] = {
     "cancel": "the client cancelled the job",
     "abandoned": "the client went away and no reader came back within the grace period",
     "timeout": "the client's stream passed a time limit",
+    "slow_consumer": "the client read too slowly: its unread results passed stream_buffer",
 }
 
 
 def cancelled_end(seq: int, cause: str) -> Chunk:
-    """The final chunk of a job stopped by a cancel: a resume reads a clear ``cancelled`` end."""
-    return Chunk(seq, "error", "cancelled", _CANCEL_MESSAGES.get(cause, "the job was cancelled"))
+    """The final chunk of a job stopped by a cancel: a resume reads a clear ``cancelled`` (or
+    ``slow_consumer``) end."""
+    kind = "slow_consumer" if cause == "slow_consumer" else "cancelled"
+    return Chunk(seq, "error", kind, _CANCEL_MESSAGES.get(cause, "the job was cancelled"))
 
 
 def dead_letter_notice(last: Chunk | None, deliveries: int) -> Chunk | None:

@@ -21,9 +21,10 @@ from reference_server.queue.jobs import Chunk, Job, StepWrites, dead_letter_noti
 from reference_server.queue.redis_streams import HEARTBEAT_TTL_S, RESULT_TTL_S, QueueCounters
 
 
-def _key(entry_id: str) -> tuple[int, int]:
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """An entry id ``<ms>-<n>`` as a comparable pair ("" sorts first)."""
     millis, _, seq = entry_id.partition("-")
-    return int(millis), int(seq or 0)
+    return int(millis or 0), int(seq or 0)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class _Results:
     entries: list[tuple[str, Chunk]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     expires_at: float | None = None  # epoch seconds, once the final chunk is written
+    trimmed: tuple[int, int] = (0, 0)  # the id of the last entry dropped as read (see ``trim_read``)
 
 
 @dataclass
@@ -162,12 +164,37 @@ class MemoryQueue:
     async def results_kept(self, job_id: str) -> bool:
         return job_id in self._results or job_id in self._deadlines
 
+    def unread(self, job_id: str, after: str) -> int:
+        """How many of ``job_id``'s results follow stream id ``after``: a reader's backlog while the job
+        runs (0 once it ended: a backlog that no longer grows is only read)."""
+        results = self._results.get(job_id)
+        if results is None or results.expires_at is not None:
+            return 0
+        return len(results.entries) - bisect.bisect_right(
+            results.entries, entry_key(after), key=lambda e: entry_key(e[0])
+        )
+
+    def trim_read(self, job_id: str, upto: str, keep: int) -> None:
+        """Drop the results every reader has read (up to stream id ``upto``) except the last ``keep`` of
+        them, kept for a resume: a long job's memory is its readers' backlog and ``keep``, not its length."""
+        results = self._results.get(job_id)
+        if results is None:
+            return
+        cut = bisect.bisect_right(results.entries, entry_key(upto), key=lambda e: entry_key(e[0])) - keep
+        if cut > 0:
+            results.trimmed = entry_key(results.entries[cut - 1][0])
+            del results.entries[:cut]
+
     async def read_after(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, Chunk]]:
         results = self._results.setdefault(job_id, _Results())
-        floor = _key(after)
+        floor = entry_key(after)
+        if floor < results.trimmed:  # a resume from before what is kept: say so rather than skip results
+            first = results.entries[0][1].seq if results.entries else 0
+            message = "the results after that event are no longer kept (resume_buffer); start a new request"
+            return [("", Chunk(first, "error", "resume_unavailable", message))]
         for _ in range(2):  # once now; once more after a wait for a write
             # Ids increase along the list: a bisection, not a scan (a reader of a long stream reads often).
-            got = results.entries[bisect.bisect_right(results.entries, floor, key=lambda e: _key(e[0])) :]
+            got = results.entries[bisect.bisect_right(results.entries, floor, key=lambda e: entry_key(e[0])) :]
             if got or block_ms <= 0:
                 return got
             try:
