@@ -4,6 +4,7 @@ Redis, with no service to run — tokens exactly once across a worker that died,
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
@@ -243,3 +244,36 @@ async def test_results_read_to_their_end_are_forgotten_and_others_kept_for_a_res
     assert not await queue.results_kept("read")
     assert await queue.results_kept("dropped")
     assert await queue.enqueue(_job("read"), "me") is None  # the id stays taken for keep_s
+
+
+@pytest.mark.anyio
+async def test_read_results_are_trimmed_to_the_resume_buffer_and_a_resume_before_them_is_refused() -> None:
+    queue = MemoryQueue()
+    await queue.enqueue(_job("t", max_tokens=10))
+    for i in range(10):
+        await queue.write("t", Chunk(i, "token", f"w{i}"))
+    got = await queue.read_after("t", "0-0", 0)
+    queue.trim_read("t", got[7][0], keep=3)  # read through token 7: tokens 5-7 kept for a resume, 8-9 unread
+    assert [c.seq for _, c in await queue.read_after("t", got[4][0], 0)] == [5, 6, 7, 8, 9]
+    assert queue.unread("t", got[7][0]) == 2
+    ((_, refused),) = await queue.read_after("t", got[2][0], 0)  # token 3 is gone: no silent gap
+    assert (refused.kind, refused.data, refused.seq) == ("error", "resume_unavailable", 5)
+
+
+@pytest.mark.slow
+def test_a_queued_stream_that_is_never_read_has_its_job_cancelled_as_a_slow_consumer() -> None:
+    fast = TokensModelSpec(base_ms=1, per_seq_ms=0, prefill_ms=0, per_input_token_ms=0, max_tokens_limit=100_000)
+    settings = ServerSettings(queue_url="memory://", models=[fast], stream_buffer=256, send_buffer_bytes=8192)
+    with EmbeddedServer(settings) as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        body = b'{"prompt": "never read", "max_tokens": 100000}'
+        head = b"POST /v1/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        with socket.create_connection((host, int(port))) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(head % len(body) + body)
+            front = server.state.queue
+            assert front is not None
+            wait_until(lambda: front.figures.get("count:cancelled:slow_consumer") == 1, timeout_s=20)
+        metrics = server.state.metrics
+        assert metrics.slow_drops.child("sse", "buffer_full").value == 1
+        assert front.figures.get("count:completed", 0) == 0  # stopped long before its 100,000 tokens
