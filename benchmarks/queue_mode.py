@@ -1,9 +1,9 @@
 """Queue mode against direct streaming on loopback: jobs a second, and latency added per token.
 
 What it does
-    Starts the reference server twice as subprocesses on 127.0.0.1 with the same model settings:
-    direct (``infer-bench serve``), the in-process queue (``serve --queue memory://``: the queue code
-    path with no Redis), and queue mode (``infer-bench serve --queue`` plus ``--workers``
+    Starts the reference server three times as subprocesses on 127.0.0.1 with the same model settings:
+    direct (``infer-bench serve --direct``), the in-process queue (``serve --queue memory://``, the
+    default: the queue code path with no Redis), and queue mode (``infer-bench serve --queue`` plus ``--workers``
     ``infer-bench worker`` processes on Redis at ``--redis``, under a key prefix of its own, deleted at
     the end). Against each it runs, with a small asyncio SSE client (raw HTTP/1.1, stamps at receipt):
 
@@ -265,7 +265,7 @@ def main() -> None:
                 serve = [*cli, "serve", "--config", str(config), "--port", "0"]
                 results = {}
                 for mode in ("direct", "memory", "queue"):
-                    commands = [serve]
+                    commands = [[*serve, "--direct"]]
                     if mode == "memory":
                         commands = [[*serve, "--queue", "memory://"]]
                     elif mode == "queue":
