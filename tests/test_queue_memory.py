@@ -277,3 +277,14 @@ def test_a_queued_stream_that_is_never_read_has_its_job_cancelled_as_a_slow_cons
         metrics = server.state.metrics
         assert metrics.slow_drops.child("sse", "buffer_full").value == 1
         assert front.figures.get("count:completed", 0) == 0  # stopped long before its 100,000 tokens
+
+
+@pytest.mark.slow
+def test_queued_streams_ping_after_heartbeat_s_of_silence_and_not_before() -> None:
+    slow_start = TokensModelSpec(base_ms=1, per_seq_ms=0, prefill_ms=1200, per_input_token_ms=0)
+    for heartbeat_s, pings in ((5.0, range(1)), (0.25, range(3, 6))):  # 1.2 s of silence: none, or one a 0.25 s
+        settings = ServerSettings(queue_url="memory://", models=[slow_start], heartbeat_s=heartbeat_s)
+        with EmbeddedServer(settings) as server, httpx.Client(timeout=10) as http:
+            text = http.post(server.url + "/v1/stream", json={"prompt": "p", "max_tokens": 2}).text
+        before_first_token = text.split("event: token", 1)[0]
+        assert before_first_token.count(": ping") in pings, (heartbeat_s, before_first_token)

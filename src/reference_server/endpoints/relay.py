@@ -62,7 +62,7 @@ class Relay:
         """The job's chunks to its final one, which is the last item of the last batch (see the module
         docstring); the final chunk of an end the relay made itself has stream id ""."""
         started = anyio.current_time() if self.enqueued_at is None else self.enqueued_at
-        tick_s = min(READ_BLOCK_MS / 1000, self.settings.heartbeat_s)
+        heartbeat_s = self.settings.heartbeat_s
         # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
         give_up_at = anyio.current_time() + self.front.job_ttl_s + 60
         self.front.readers.add(self)
@@ -70,7 +70,7 @@ class Relay:
             # A new job's reader was counted when it was enqueued (submit(reader=True)); a resume's is now.
             new = self.enqueued_at is not None
             async with self.front.follow(self.job_id, self.after, grace_s=self.grace_s, attached=new) as feed:
-                next_tick = anyio.current_time() + tick_s
+                next_ping = anyio.current_time() + heartbeat_s
                 while True:
                     now = anyio.current_time()
                     if self.front.stopping:
@@ -84,7 +84,9 @@ class Relay:
                         yield [("", await self._time_out(kind))]
                         return
                     try:
-                        got = await feed.next(max(1, math.ceil((min(next_tick, deadline) - now) * 1000)))
+                        # Woken at least every READ_BLOCK_MS to notice a shutdown, sooner for a ping or a limit.
+                        wake = min(next_ping, deadline, now + READ_BLOCK_MS / 1000)
+                        got = await feed.next(max(1, math.ceil((wake - now) * 1000)))
                     except (RedisError, OSError) as exc:
                         self.metrics.rejections.child("queue_unavailable").inc()
                         self._ended = True  # not the job's end: it may run on, and a resume reads it
@@ -92,13 +94,13 @@ class Relay:
                         yield [("", Chunk(self.seq, "error", "queue_unavailable", message))]
                         return
                     if got:
-                        next_tick = anyio.current_time() + tick_s
+                        next_ping = anyio.current_time() + heartbeat_s
                         self._record(got)
                         yield got
                         if self._ended:
                             return
-                    elif anyio.current_time() >= next_tick - 1e-3:
-                        next_tick = anyio.current_time() + tick_s
+                    elif anyio.current_time() >= next_ping - 1e-3:
+                        next_ping = anyio.current_time() + heartbeat_s
                         yield []
         finally:
             self.front.readers.discard(self)
