@@ -226,6 +226,11 @@ def test_queued_streams_record_the_servers_ttft_inter_token_and_outcome_metrics(
         assert metrics.ttft.child().count == 1
         assert 1 <= metrics.itl.child().count <= 11  # tokens read together share one averaged gap
         assert metrics.e2e.child("generate").count == 1
+        # The in-process worker's steps are the server's batches, as the scheduler's are in direct mode.
+        assert metrics.batches.child("generate", "step").value >= 12
+        assert metrics.batch_size.child("generate").count == metrics.batches.child("generate", "step").value
+        assert metrics.batch_execution.child("generate").count >= 12
+        assert metrics.queue_wait.child("generate").count == 1
         text = http.get(server.url + "/metrics").text
         assert 'inferbench_sequences_total{outcome="finished"} 1.0' in text
 

@@ -99,7 +99,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                 if admission.shared is not None:
                     tg.start_soon(admission.keep_shared_leases)
                 if state.queue.models is not None:  # the in-process queue: its worker is a task of this process
-                    tg.start_soon(run_in_process, settings, state.queue.streams, state.queue.models)
+                    tg.start_soon(run_in_process, settings, state.queue.streams, state.queue.models, metrics)
             state.ready = True
             try:
                 yield

@@ -77,6 +77,10 @@ class Worker:
     max_deliveries: int = 3
     bucket: JobBucket | None = None
     on_batch: Callable[[int], None] | None = None  # told each batch's size (the model's step cost depends on it)
+    # Told each step's batch size and model time, and each new job as it starts (the in-process worker
+    # records them in the server's batch metrics, as the direct path's scheduler does).
+    on_step: Callable[[int, float], None] | None = None
+    on_start: Callable[[Job], None] | None = None
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     clock: Callable[[], float] = time.time
     _last_reclaim: float = field(default=0.0, repr=False)
@@ -184,7 +188,10 @@ class Worker:
         while running:
             # Always a real suspension, even at zero cost: on the in-process queue nothing else would yield,
             # and the worker would starve the front end sharing its event loop.
-            await self.sleep(max(step.wait for step in running))
+            wait = max(step.wait for step in running)
+            await self.sleep(wait)
+            if self.on_step is not None:
+                self.on_step(len(running), wait)
             if any(time.monotonic() - r.claimed_at >= self.min_idle_ms / 3000 for r in running):
                 running = await self._refresh(running)
             running = await self._advance(running)
@@ -227,6 +234,8 @@ class Worker:
             except BadJob:
                 await self.streams.ack(entry_id)  # never ours to run
                 continue
+            if self.on_start is not None:
+                self.on_start(job)
             started.append(await self._resume(entry_id, job, (deliveries or {}).get(entry_id, 1)))
         return started
 

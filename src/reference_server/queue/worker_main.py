@@ -16,10 +16,13 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from reference_server.metrics import ServerMetrics
 from reference_server.queue.backend import JobQueue
+from reference_server.queue.jobs import Job
 from reference_server.queue.model_source import ModelSource
 from reference_server.queue.redis_streams import RedisStreams, connect
 from reference_server.queue.worker import JobBucket, Worker
@@ -99,10 +102,25 @@ def make_worker(
     return worker
 
 
-async def run_in_process(settings: ServerSettings, streams: JobQueue, source: ModelSource) -> None:
+async def run_in_process(
+    settings: ServerSettings, streams: JobQueue, source: ModelSource, metrics: ServerMetrics
+) -> None:
     """The worker of the in-process queue: one consumer in the server's own process, until cancelled. It
-    runs ``source``: the server's own models, into which the front end pins each job's routed version."""
+    runs ``source``: the server's own models, into which the front end pins each job's routed version.
+    Its steps and queue waits go to the server's batch metrics, as the direct path's scheduler's do."""
     worker = make_worker(settings, streams, f"in-process-{os.getpid()}", source)
+    sizes, steps = metrics.batch_size.child("generate"), metrics.batches.child("generate", "step")
+    execution, queue_wait = metrics.batch_execution.child("generate"), metrics.queue_wait.child("generate")
+
+    def on_step(running: int, wait_s: float) -> None:
+        sizes.observe(running)
+        steps.inc()
+        execution.observe(wait_s)
+
+    def on_start(job: Job) -> None:  # a job's deadline is its enqueue time plus job_ttl_s
+        queue_wait.observe(max(0.0, time.time() - (job.deadline - settings.job_ttl_s)))
+
+    worker.on_step, worker.on_start = on_step, on_start
     await worker.run(asyncio.Event())
 
 
