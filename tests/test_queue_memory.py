@@ -244,10 +244,16 @@ async def test_results_read_to_their_end_are_forgotten_and_others_kept_for_a_res
     await worker.process(await worker._read(">"))
     for job_id in ("read", "dropped"):
         assert [c.kind for c in await _collect(queue, job_id)] == ["token", "token", "token", "done"]
+    for job_id in ("read", "dropped"):
+        await queue.remember(f"ws.{job_id}", job_id, 900, job_id)  # a WebSocket request id's job
+    await queue.cancel("read", "cancel", 900)  # after its end: no mark is kept
+    assert queue._cancels == {}
     await queue.detach("read", None)  # its reader saw the end
     await queue.detach("dropped", time.time() + 30)  # its reader left early
     assert not await queue.results_kept("read")
+    assert await queue.recall("ws.read") is None  # forgotten with the results, not 900 s later
     assert await queue.results_kept("dropped")
+    assert await queue.recall("ws.dropped") == "dropped"
     assert await queue.enqueue(_job("read"), "me") is None  # the id stays taken for keep_s
 
 

@@ -100,7 +100,7 @@ async def _open(
         if not await front.submit(front.job(job_id, model, msg.prompt, msg.max_tokens, msg.seed), client, reader=True):
             raise Conflict(f"job id {job_id!r} is taken; try again")
         prompt_tokens = count_prompt_tokens(msg.prompt)
-        await front.remember(alias, orjson.dumps([job_id, model, prompt_tokens]).decode())
+        await front.remember(alias, orjson.dumps([job_id, model, prompt_tokens]).decode(), job_id)
         return job_id, -1, model, prompt_tokens
     remembered = await front.recall(alias)
     if remembered is not None:

@@ -123,14 +123,15 @@ class QueueFront:
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(self.url, exc) from None
 
-    async def remember(self, name: str, value: str) -> None:
-        """Keep ``value`` as long as a job's results (``job_ttl_s`` and then some).
+    async def remember(self, name: str, value: str, job_id: str = "") -> None:
+        """Keep ``value`` as long as a job's results (``job_ttl_s`` and then some; in process, as long as
+        ``job_id``'s results are kept).
 
         Raises:
             QueueUnavailable: Redis cannot be reached.
         """
         try:
-            await self.streams.remember(name, value, self.job_ttl_s + RESULT_TTL_S)
+            await self.streams.remember(name, value, self.job_ttl_s + RESULT_TTL_S, job_id)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(self.url, exc) from None
 

@@ -67,6 +67,7 @@ class MemoryQueue:
     _cancels: dict[str, tuple[str, float]] = field(default_factory=dict)  # job id → (cause, forget at)
     _abandoned: dict[str, float] = field(default_factory=dict)  # job id → when to cancel it
     _readers: dict[str, int] = field(default_factory=dict)  # job id → readers following it now
+    _names_of: dict[str, list[str]] = field(default_factory=dict)  # job id → aliases remembered for it
     _last_id: tuple[int, int] = (0, 0)
 
     def _next_id(self) -> str:
@@ -92,6 +93,7 @@ class MemoryQueue:
         if chunk.final:
             results.expires_at = time.time() + self.keep_s
             self._deadlines.pop(job_id, None)
+            self._cancels.pop(job_id, None)  # read at the job's steps and start: no longer needed
             if (held := self._owners.get(job_id)) is not None:
                 self._owners[job_id] = (held[0], results.expires_at)
         results.changed.set()
@@ -123,14 +125,19 @@ class MemoryQueue:
         held = self._owners.get(job_id)
         return held[0] if held is not None and held[1] > time.time() else None
 
-    async def remember(self, name: str, value: str, ttl_s: float) -> None:
+    async def remember(self, name: str, value: str, ttl_s: float, job_id: str = "") -> None:
         self._aliases[name] = (value, time.time() + ttl_s)
+        if job_id:  # forgotten with the job's results, not ttl_s later (see _forget_results)
+            self._names_of.setdefault(job_id, []).append(name)
 
     async def recall(self, name: str) -> str | None:
         held = self._aliases.get(name)
         return held[0] if held is not None and held[1] > time.time() else None
 
     async def cancel(self, job_id: str, cause: str, ttl_s: float) -> None:
+        results = self._results.get(job_id)
+        if results is not None and results.expires_at is not None:
+            return  # it ended already: a mark would only wait out ttl_s
         self._cancels.setdefault(job_id, (cause, time.time() + ttl_s))
         self._abandoned.pop(job_id, None)
 
@@ -147,9 +154,14 @@ class MemoryQueue:
         if cancel_at is not None:
             self._abandoned[job_id] = cancel_at
         elif (results := self._results.get(job_id)) is not None and results.expires_at is not None:
-            # Its last reader took it to the end: nothing is left to resume. The id stays taken (keep_s).
-            self._results.pop(job_id, None)
-            self._cancels.pop(job_id, None)
+            self._forget_results(job_id)  # its last reader took it to the end: nothing is left to resume
+
+    def _forget_results(self, job_id: str) -> None:
+        """Drop a finished job's results and what only a resume of them needs; its id stays taken (keep_s)."""
+        self._results.pop(job_id, None)
+        self._cancels.pop(job_id, None)
+        for name in self._names_of.pop(job_id, ()):
+            self._aliases.pop(name, None)
 
     async def cancel_abandoned(self, now: float, ttl_s: float, limit: int = 100) -> int:
         due = sorted((at, job_id) for job_id, at in self._abandoned.items() if at <= now)[:limit]
@@ -222,7 +234,7 @@ class MemoryQueue:
                 await self.count("expired")
                 ended += 1
         for job_id in [j for j, r in self._results.items() if r.expires_at is not None and r.expires_at < now]:
-            del self._results[job_id]
+            self._forget_results(job_id)
         for job_id in [j for j, (_, until) in self._owners.items() if until < now]:
             del self._owners[job_id]
         for name in [n for n, (_, until) in self._aliases.items() if until < now]:

@@ -153,8 +153,9 @@ class RedisStreams:
         self.counters.enqueued += 1
         return _text(entry_id)
 
-    async def remember(self, name: str, value: str, ttl_s: float) -> None:
-        """Keep a small value under ``name`` for ``ttl_s`` (a WebSocket request id's job, for a resume)."""
+    async def remember(self, name: str, value: str, ttl_s: float, job_id: str = "") -> None:
+        """Keep a small value under ``name`` for ``ttl_s`` (a WebSocket request id's job, for a resume).
+        ``job_id``: the job it is about (the in-process queue forgets it with the job's results)."""
         await self.client.set(f"{self.prefix}:alias:{name}", value, ex=max(1, int(ttl_s)))
 
     async def recall(self, name: str) -> str | None:
