@@ -83,7 +83,7 @@ class _Answer:
 
     def __init__(self, state: ServerState, front: QueueFront, job_id: str, shape: _ChunkShape, prompt_tokens: int):
         self.state, self.front, self.job_id, self.shape, self.prompt_tokens = state, front, job_id, shape, prompt_tokens
-        self.enqueued_at = anyio.current_time()  # made right after the job was enqueued
+        self.enqueued_at = time.monotonic()  # made right after the job was enqueued
 
     def usage(self, end: Chunk) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": end.seq,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -130,7 +131,7 @@ async def _events(
     pings = state.metrics.heartbeats.child("sse")
     yield b"retry: %d\n\n" % settings.sse_retry_ms
     prefix = job_id + ":"
-    enqueued_at = anyio.current_time() if new_job else None
+    enqueued_at = time.monotonic() if new_job else None
     relay = Relay(front, job_id, "sse", settings, state.metrics, enqueued_at, after, settings.queue_cancel_grace_s)
     async with contextlib.aclosing(relay.batches()) as batches:
         async for got in batches:

@@ -17,14 +17,14 @@ twice: only the time limits it hit.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator
+import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-import anyio
 from redis.exceptions import RedisError
 
 from reference_server.metrics import ServerMetrics
-from reference_server.queue.front import READ_BLOCK_MS, QueueFront
+from reference_server.queue.front import READ_BLOCK_MS, Feed, QueueFront
 from reference_server.queue.jobs import Chunk
 from reference_server.settings import ServerSettings
 
@@ -38,7 +38,9 @@ _OUTCOMES = {
 @dataclass(eq=False)  # one per reader: kept in a set by identity
 class Relay:
     """Args:
-    enqueued_at: when this request enqueued the job (``anyio.current_time``); None for a resume.
+    enqueued_at: when this request enqueued the job (on ``clock``); None for a resume.
+    clock: monotonic seconds; ``time.monotonic``, not anyio's clock: a relay reads it a few times per
+        batch of tokens, and anyio's costs a lookup of the running library each time (seen in profiles).
     grace_s: counts the relay as one of the job's readers (see ``QueueFront.follow``); None: it is not.
     """
 
@@ -53,7 +55,9 @@ class Relay:
     last: str = field(init=False)  # the stream id of the last chunk handed out: where a resume goes on
     seq: int = field(default=0, init=False)  # the number of the next token (the usage of an early end)
     _last_token_at: float | None = field(default=None, init=False)
+    clock: Callable[[], float] = time.monotonic
     _ended: bool = field(default=False, init=False)
+    _feed: Feed | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.last = self.after
@@ -61,18 +65,19 @@ class Relay:
     async def batches(self) -> AsyncGenerator[list[tuple[str, Chunk]]]:
         """The job's chunks to its final one, which is the last item of the last batch (see the module
         docstring); the final chunk of an end the relay made itself has stream id ""."""
-        started = anyio.current_time() if self.enqueued_at is None else self.enqueued_at
+        started = self.clock() if self.enqueued_at is None else self.enqueued_at
         heartbeat_s = self.settings.heartbeat_s
         # Bounded: the job's deadline ends it with a timeout chunk; past that (no sweeper ran?) we stop too.
-        give_up_at = anyio.current_time() + self.front.job_ttl_s + 60
+        give_up_at = self.clock() + self.front.job_ttl_s + 60
         self.front.readers.add(self)
         try:
             # A new job's reader was counted when it was enqueued (submit(reader=True)); a resume's is now.
             new = self.enqueued_at is not None
             async with self.front.follow(self.job_id, self.after, grace_s=self.grace_s, attached=new) as feed:
-                next_ping = anyio.current_time() + heartbeat_s
+                self._feed = feed
+                next_ping = self.clock() + heartbeat_s
                 while True:
-                    now = anyio.current_time()
+                    now = self.clock()
                     if self.front.stopping:
                         yield [("", self._end("shutdown", "the server is shutting down"))]
                         return
@@ -94,13 +99,13 @@ class Relay:
                         yield [("", Chunk(self.seq, "error", "queue_unavailable", message))]
                         return
                     if got:
-                        next_ping = anyio.current_time() + heartbeat_s
+                        next_ping = self.clock() + heartbeat_s
                         self._record(got)
                         yield got
                         if self._ended:
                             return
-                    elif anyio.current_time() >= next_ping - 1e-3:
-                        next_ping = anyio.current_time() + heartbeat_s
+                    elif self.clock() >= next_ping - 1e-3:
+                        next_ping = self.clock() + heartbeat_s
                         yield []
         finally:
             self.front.readers.discard(self)
@@ -116,6 +121,8 @@ class Relay:
         not as a reader who went away."""
         if not self._ended:
             self._count_end(Chunk(self.seq, "error", outcome, ""))
+        if self._feed is not None:
+            self._feed.ended = True  # the job is cancelled, not abandoned: no abandonment to time
 
     def _next_limit(self, started: float) -> tuple[str, float]:
         """The next time limit to pass (its kind and when), ``("", inf)`` if none applies."""
@@ -137,7 +144,7 @@ class Relay:
     def _record(self, got: list[tuple[str, Chunk]]) -> None:
         self.last = got[-1][0]
         self.seq = got[-1][1].next_seq
-        now = anyio.current_time()
+        now = self.clock()
         tokens = sum(1 for _, chunk in got if chunk.kind == "token")
         if tokens:
             if self.enqueued_at is not None:
@@ -163,4 +170,4 @@ class Relay:
         if self.enqueued_at is not None:
             outcome = "finished" if chunk.kind == "done" else _OUTCOMES.get(chunk.data, "error")
             self.metrics.sequences.child(outcome).inc()
-            self.metrics.e2e.child("generate").observe(anyio.current_time() - self.enqueued_at)
+            self.metrics.e2e.child("generate").observe(self.clock() - self.enqueued_at)

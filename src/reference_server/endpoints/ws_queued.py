@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -71,7 +72,7 @@ async def run_queued(session: _Session, msg: WsGenerate | WsResume) -> None:
         await session.refuse(request_id, exc)
         return
     new_job = isinstance(msg, WsGenerate)
-    enqueued_at = anyio.current_time() if new_job else None
+    enqueued_at = time.monotonic() if new_job else None
     grace_s = state.settings.queue_cancel_grace_s
     relay = Relay(front, job_id, "websocket", state.settings, state.metrics, enqueued_at, grace_s=grace_s)
     try:

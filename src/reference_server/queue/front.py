@@ -271,7 +271,7 @@ class Backlogged(Protocol):
 
 
 class Feed(Protocol):
-    ended: bool  # a final chunk was handed out: the reader saw the job's end
+    ended: bool  # a final chunk was handed out (the reader saw the job's end), or the reader cancelled it
 
     async def next(self, wait_ms: int = READ_BLOCK_MS) -> list[tuple[str, Chunk]]:
         """The next chunks, [] after ``wait_ms`` without any.

@@ -135,9 +135,8 @@ class MemoryQueue:
         return held[0] if held is not None and held[1] > time.time() else None
 
     async def cancel(self, job_id: str, cause: str, ttl_s: float) -> None:
-        results = self._results.get(job_id)
-        if results is not None and results.expires_at is not None:
-            return  # it ended already: a mark would only wait out ttl_s
+        if job_id not in self._deadlines:
+            return  # it ended already (or never was): a mark would only wait out ttl_s
         self._cancels.setdefault(job_id, (cause, time.time() + ttl_s))
         self._abandoned.pop(job_id, None)
 
