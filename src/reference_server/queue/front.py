@@ -240,9 +240,10 @@ class QueueFront:
     async def _drop_slow_readers(self) -> None:
         """In process: cancel the job of every reader whose unread results passed ``max_unread``, as the
         direct path ends a stream whose buffer overflows: the worker stops, so memory holds no more."""
-        if self.max_unread is None or not isinstance(self.streams, MemoryQueue):
+        limit = self.max_unread
+        if limit is None or not isinstance(self.streams, MemoryQueue):
             return
-        for reader in [r for r in self.readers if self.streams.unread(r.job_id, r.last) > (self.max_unread or 0)]:
+        for reader in [r for r in self.readers if self.streams.unread(r.job_id, r.last) > limit]:
             self.readers.discard(reader)
             reader.fell_behind()
             await self.cancel(reader.job_id, "slow_consumer")

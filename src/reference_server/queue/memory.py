@@ -41,6 +41,11 @@ class _Results:
     expires_at: float | None = None  # epoch seconds, once the final chunk is written
     trimmed: tuple[int, int] = (0, 0)  # the id of the last entry dropped as read (see ``trim_read``)
 
+    def index_after(self, floor: tuple[int, int]) -> int:
+        """The index of the first entry with an id past ``floor``: ids increase along the list, so a
+        bisection, not a scan (readers of long streams ask often)."""
+        return bisect.bisect_right(self.entries, floor, key=lambda e: entry_key(e[0]))
+
 
 @dataclass
 class MemoryQueue:
@@ -181,9 +186,7 @@ class MemoryQueue:
         results = self._results.get(job_id)
         if results is None or results.expires_at is not None:
             return 0
-        return len(results.entries) - bisect.bisect_right(
-            results.entries, entry_key(after), key=lambda e: entry_key(e[0])
-        )
+        return len(results.entries) - results.index_after(entry_key(after))
 
     def trim_read(self, job_id: str, upto: str, keep: int) -> None:
         """Drop the results every reader has read (up to stream id ``upto``) except the last ``keep`` of
@@ -191,7 +194,7 @@ class MemoryQueue:
         results = self._results.get(job_id)
         if results is None:
             return
-        cut = bisect.bisect_right(results.entries, entry_key(upto), key=lambda e: entry_key(e[0])) - keep
+        cut = results.index_after(entry_key(upto)) - keep
         if cut > 0:
             results.trimmed = entry_key(results.entries[cut - 1][0])
             del results.entries[:cut]
@@ -204,8 +207,7 @@ class MemoryQueue:
             message = "the results after that event are no longer kept (resume_buffer); start a new request"
             return [("", Chunk(first, "error", "resume_unavailable", message))]
         for _ in range(2):  # once now; once more after a wait for a write
-            # Ids increase along the list: a bisection, not a scan (a reader of a long stream reads often).
-            got = results.entries[bisect.bisect_right(results.entries, floor, key=lambda e: entry_key(e[0])) :]
+            got = results.entries[results.index_after(floor) :]
             if got or block_ms <= 0:
                 return got
             try:
