@@ -9,10 +9,6 @@ and "stopped early" is read from the job's own results (its token count), never 
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +26,8 @@ from reference_server.serve import EmbeddedServer
 from reference_server.settings import ServerSettings, TokensModelSpec, load_settings
 from serverkit import SseBlock, collect, recv, send
 from test_queue_frontend import Queue, read_stream
-from test_queue_redis import WORKER_SCRIPT, streams
+from test_queue_memory import results_to_end
+from test_queue_redis import kill_a_worker_mid_job, streams
 
 __all__ = ["streams"]  # a fixture, imported to be found
 
@@ -54,18 +51,6 @@ def slow_tokens(job: Job, sent: int) -> Iterator[tuple[float, Chunk]]:
         yield 0.005, Chunk(i, "token", f"{job.prompt}-{i}")
 
 
-async def _results(queue: JobQueue, job_id: str) -> list[Chunk]:
-    out: list[Chunk] = []
-    after = "0-0"
-    for _ in range(100):  # bounded: each read waits at most 200 ms
-        for entry_id, chunk in await queue.read_after(job_id, after, 200):
-            out.append(chunk)
-            after = entry_id
-            if chunk.final:
-                return out
-    raise AssertionError(f"job {job_id} did not end")
-
-
 async def _until_seq(queue: JobQueue, job_id: str, seq: int) -> Chunk:
     for _ in range(800):
         if (last := await queue.last_chunk(job_id)) is not None and last.seq >= seq:
@@ -87,12 +72,12 @@ async def _cancel_stops_the_running_job(queue: JobQueue) -> None:
     await _until_seq(queue, "c", 3)
     await queue.cancel("c", "cancel", 60)
     await asyncio.wait_for(task, 10)  # the batch ends: "other" finished, "c" stopped
-    chunks = await _results(queue, "c")
+    chunks = await results_to_end(queue, "c")
     end = chunks[-1]
     assert (end.kind, end.data) == ("error", "cancelled")
     assert end.seq < 200  # far fewer than LONG tokens were made
     assert [c.seq for c in chunks[:-1]] == list(range(end.seq))  # every token once, then the end
-    other = await _results(queue, "other")
+    other = await results_to_end(queue, "other")
     assert (other[-1].kind, other[-1].seq) == ("done", 30)  # a job of the same batch is untouched
     assert await _pending(queue) == 0
     figures = await queue.figures(time.time())
@@ -131,7 +116,7 @@ async def _reclaimed_cancelled_job_is_not_run(queue: JobQueue, cut: Chunk) -> No
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the job was never reclaimed")
-    chunks = await _results(queue, "k")
+    chunks = await results_to_end(queue, "k")
     assert source.asked == []  # the model was never asked for it again
     assert [c.seq for c in chunks[:-1]] == list(range(cut.seq + 1))  # nothing after the cut but the end
     assert (chunks[-1].kind, chunks[-1].data, chunks[-1].seq) == ("error", "cancelled", cut.seq + 1)
@@ -159,17 +144,7 @@ async def test_a_cancelled_job_of_a_killed_worker_is_reclaimed_and_not_run_again
 ) -> None:
     await streams.ensure_group()
     await streams.enqueue(Job("k", "tokens", "p", LONG, 1, time.time() + 60))
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER_SCRIPT))
-    doomed = subprocess.Popen([sys.executable, str(script), redis_url, streams.prefix])  # noqa: ASYNC220 - a PID to kill -9
-    try:
-        await _until_seq(streams, "k", 3)
-    finally:
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(timeout=10)
-    cut = await streams.last_chunk("k")
-    assert cut is not None
-    assert cut.kind == "token"
+    cut = await kill_a_worker_mid_job(streams, redis_url, tmp_path, "k", 3)
     await _reclaimed_cancelled_job_is_not_run(streams, cut)
     assert (await streams.client.xpending(streams.jobs, GROUP))["pending"] == 0
 

@@ -13,6 +13,7 @@ import pytest
 
 from polling import wait_until
 from reference_server.queue import Chunk, Job, Worker
+from reference_server.queue.backend import JobQueue
 from reference_server.queue.memory import MemoryQueue
 from reference_server.queue.model_source import ModelSource
 from reference_server.serve import EmbeddedServer
@@ -34,7 +35,8 @@ def _job(job_id: str, max_tokens: int = 20) -> Job:
     return Job(job_id, "tokens", f"p{job_id}", max_tokens, None, time.time() + 60)
 
 
-async def _collect(queue: MemoryQueue, job_id: str) -> list[Chunk]:
+async def results_to_end(queue: JobQueue, job_id: str) -> list[Chunk]:
+    """Every result chunk of ``job_id`` up to its final one, read as a front end reads them."""
     out: list[Chunk] = []
     after = "0-0"
     for _ in range(1000):  # bounded: each read waits at most 200 ms
@@ -63,7 +65,7 @@ async def test_a_job_of_a_dead_worker_is_reclaimed_and_every_token_arrives_once(
         if await rescuer.reclaim():
             break
         await asyncio.sleep(0.02)
-    chunks = await _collect(queue, "k")
+    chunks = await results_to_end(queue, "k")
     assert [c.seq for c in chunks] == list(range(21))
     assert [c.data for c in chunks[:20]] == [f"pk-{i}" for i in range(20)]
     assert queue.counters.reclaimed == 1
@@ -87,7 +89,7 @@ async def test_a_job_delivered_too_often_is_dead_lettered_and_its_client_told() 
     await queue.enqueue(_job("d"))
     await queue.read_group("ghost", ">", 1, None)
     assert await Worker(queue, "w", tokens_of, min_idle_ms=0, max_deliveries=1).reclaim() == 0
-    assert [(c.kind, c.data) for c in await _collect(queue, "d")] == [("error", "dead_lettered")]
+    assert [(c.kind, c.data) for c in await results_to_end(queue, "d")] == [("error", "dead_lettered")]
     assert (await queue.figures(time.time()))["dead_letters"] == 1
 
 
@@ -96,7 +98,7 @@ async def test_expired_jobs_end_with_a_timeout_and_expired_results_are_forgotten
     queue = MemoryQueue()
     await queue.enqueue(Job("t", "tokens", "p", 3, None, time.time() - 1))
     assert await queue.expire_jobs(time.time()) == 1
-    assert [(c.kind, c.data) for c in await _collect(queue, "t")] == [("error", "timeout")]
+    assert [(c.kind, c.data) for c in await results_to_end(queue, "t")] == [("error", "timeout")]
     await queue.expire_jobs(time.time() + 10_000)
     assert not await queue.results_kept("t")
     assert await queue.owner_of("t") is None
@@ -143,7 +145,7 @@ async def test_a_model_failure_ends_the_job_with_model_error_after_the_tokens_be
     await queue.enqueue(Job("f", "tokens", "fails", 40, 3, time.time() + 60))
     worker = Worker(queue, "w", source)
     await worker.process(await worker._read(">"))
-    chunks = await _collect(queue, "f")
+    chunks = await results_to_end(queue, "f")
     assert [c.kind for c in chunks[:-1]] == ["token"] * (len(chunks) - 1)
     assert (chunks[-1].kind, chunks[-1].data, chunks[-1].model_version) == ("error", "model_error", "1")
     assert (queue.counters.failed, queue.counters.completed) == (1, 0)
@@ -243,7 +245,7 @@ async def test_results_read_to_their_end_are_forgotten_and_others_kept_for_a_res
     worker = Worker(queue, "w", tokens_of)
     await worker.process(await worker._read(">"))
     for job_id in ("read", "dropped"):
-        assert [c.kind for c in await _collect(queue, job_id)] == ["token", "token", "token", "done"]
+        assert [c.kind for c in await results_to_end(queue, job_id)] == ["token", "token", "token", "done"]
     for job_id in ("read", "dropped"):
         await queue.remember(f"ws.{job_id}", job_id, 900, job_id)  # a WebSocket request id's job
     await queue.cancel("read", "cancel", 900)  # after its end: no mark is kept

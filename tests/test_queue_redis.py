@@ -105,18 +105,17 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.anyio
-async def test_a_job_of_a_killed_worker_is_reclaimed_and_every_token_arrives_exactly_once(
-    streams: RedisStreams, redis_url: str, tmp_path: Path
-) -> None:
-    await streams.ensure_group()
-    await streams.enqueue(job("k", 30))
+async def kill_a_worker_mid_job(
+    streams: RedisStreams, redis_url: str, tmp_path: Path, job_id: str, at_seq: int
+) -> Chunk:
+    """Start a worker process on ``streams``, SIGKILL it once ``job_id`` has token ``at_seq``; the job's last
+    chunk then (a token: the job was cut mid-way)."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER_SCRIPT))
     doomed = subprocess.Popen([sys.executable, str(script), redis_url, streams.prefix])  # noqa: ASYNC220 - a PID to kill -9
     try:
         for _ in range(400):  # until the doomed worker is mid-job
-            if (last := await streams.last_chunk("k")) is not None and last.seq >= 5:
+            if (last := await streams.last_chunk(job_id)) is not None and last.seq >= at_seq:
                 break
             await asyncio.sleep(0.025)
         else:
@@ -124,9 +123,19 @@ async def test_a_job_of_a_killed_worker_is_reclaimed_and_every_token_arrives_exa
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=10)
-    cut = await streams.last_chunk("k")
+    cut = await streams.last_chunk(job_id)
     assert cut is not None
     assert cut.kind == "token"
+    return cut
+
+
+@pytest.mark.anyio
+async def test_a_job_of_a_killed_worker_is_reclaimed_and_every_token_arrives_exactly_once(
+    streams: RedisStreams, redis_url: str, tmp_path: Path
+) -> None:
+    await streams.ensure_group()
+    await streams.enqueue(job("k", 30))
+    cut = await kill_a_worker_mid_job(streams, redis_url, tmp_path, "k", 5)
     assert cut.seq < 29
 
     rescuer = Worker(streams, "rescuer", lambda j, sent: tokens_of(j, sent, step_s=0.001), min_idle_ms=200)
